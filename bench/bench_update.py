@@ -1,0 +1,127 @@
+"""Speed of CVL's train step against this machine's limit and against the naive way of writing it.
+
+    python bench/bench_update.py                      # the table for this machine (a few minutes on 2 CPU cores)
+    python bench/bench_update.py --dataset PATH       # on a real dataset (default: ../shared/d4rl/...-local.hdf5)
+
+Columns, all from this one run:
+- updates/s of the full jitted train step (batch and goal sampling, critic and actor updates) per (hidden, batch),
+  with --updates-per-call 1 and with N updates per call (lax.scan);
+- GFLOP per update from XLA's own cost analysis of the compiled one-update step;
+- this machine's peak dense float32 matmul throughput (a large jitted jnp.dot, best of several);
+- the fraction of that peak the train step reaches;
+- the naive baseline: the same update maths, but each batch sampled on the host with numpy, copied to the device,
+  and one jit call per update; and the speed-up over it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import cvl  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "d4rl" / "halfcheetah_medium-local.hdf5"
+
+
+def peak_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = min(timed(lambda: f(a).block_until_ready()) for _ in range(repeats))
+    return 2 * n ** 3 / best
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def setup(raw, hidden: int, batch: int):
+    cfg = cvl.make_config("paper", hidden=(hidden, hidden), batch_size=batch, devices=1)
+    obs_dim, act_dim = raw["observations"].shape[1], raw["actions"].shape[1]
+    nets = cvl.make_networks(cfg, act_dim)
+    mesh = cvl.make_mesh(cfg)
+    state = jax.vmap(lambda k: cvl.init_state(k, cfg, nets, obs_dim, act_dim))(jax.random.key(0)[None])
+    return cfg, nets, mesh, state
+
+
+def fused_updates_per_sec(cfg, nets, mesh, state, data, n: int, min_seconds: float) -> tuple[float, float]:
+    """(updates/s, XLA flops of one update) for jit(scan(update)) with n updates per call."""
+    step = cvl.make_train_fn(cfg, nets, mesh)
+    flops = step.lower(state, data, 1).compile().cost_analysis()
+    flops = flops[0] if isinstance(flops, list) else flops
+    state, metrics, _ = step(state, data, n)  # compile and warm up
+    jax.block_until_ready(metrics)
+    calls, start = 0, time.perf_counter()
+    while calls == 0 or time.perf_counter() - start < min_seconds:
+        state, metrics, _ = step(state, data, n)
+        jax.block_until_ready(metrics)
+        calls += 1
+    return calls * n / (time.perf_counter() - start), float(flops["flops"])
+
+
+def naive_updates_per_sec(cfg, nets, state, raw, min_seconds: float) -> float:
+    """Host numpy sampling + device copy + one jit call per update: how such code is often written."""
+    data = cvl.make_data(raw)
+    anchors, episode_end = np.asarray(data.anchors), np.asarray(data.episode_end)
+    rng = np.random.default_rng(0)
+
+    def host_batch():
+        t = anchors[rng.integers(0, len(anchors), cfg.batch_size)]
+        horizon = episode_end[t] - t
+        u = rng.random(cfg.batch_size)
+        k = np.clip(np.ceil(np.log1p(-u * (1 - cfg.gamma ** horizon)) / np.log(cfg.gamma)), 1, horizon).astype(int)
+        return cvl.Batch(raw["observations"][t], raw["actions"][t], raw["observations"][t + k], raw["rewards"][t + k])
+
+    no_shard = lambda x, *spec: x  # noqa: E731
+    update = jax.jit(lambda s, b, k: cvl.learn_from_batch(s, b, k, cfg, nets, no_shard))
+    single = jax.tree.map(lambda x: x[0], state)
+    key = jax.random.key(1)
+    for _ in range(3):  # compile and warm up
+        key, sub = jax.random.split(key)
+        single, metrics = update(single, jax.device_put(host_batch()), sub)
+    jax.block_until_ready(metrics)
+    updates, start = 0, time.perf_counter()
+    while updates < 10 or time.perf_counter() - start < min_seconds:
+        key, sub = jax.random.split(key)
+        single, metrics = update(single, jax.device_put(host_batch()), sub)
+        float(metrics["critic_loss"])  # the per-step host read such loops do for logging
+        updates += 1
+    return updates / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", type=Path, default=DEFAULT_DATA, help="D4RL-layout file to sample from")
+    parser.add_argument("--sizes", nargs="+", default=["256x256", "1024x1024"], help="hidden x batch pairs")
+    parser.add_argument("--updates-per-call", type=int, default=100, help="N for the lax.scan rows")
+    parser.add_argument("--seconds", type=float, default=10.0, help="minimum timed seconds per row")
+    args = parser.parse_args()
+
+    raw = cvl.read_dataset_file(args.dataset)
+    peak = peak_matmul_flops()
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), jax "
+          f"{jax.__version__}; dataset {args.dataset.name}; peak float32 matmul {peak / 1e9:.0f} GFLOP/s")
+    header = ("| hidden | batch | updates/call | updates/s | GFLOP/update | GFLOP/s | % of matmul peak | "
+              "naive updates/s | speed-up |")
+    print(header + "\n|" + "---:|" * 9)
+    for size in args.sizes:
+        hidden, batch = map(int, size.split("x"))
+        cfg, nets, mesh, state = setup(raw, hidden, batch)
+        data = cvl.replicate(cvl.make_data(raw), mesh)
+        naive = naive_updates_per_sec(cfg, nets, state, raw, args.seconds)
+        for n in (1, args.updates_per_call):
+            ups, flops = fused_updates_per_sec(cfg, nets, mesh, state, data, n, args.seconds)
+            print(f"| {hidden} | {batch} | {n} | {ups:,.1f} | {flops / 1e9:.3f} | {ups * flops / 1e9:,.1f} | "
+                  f"{100 * ups * flops / peak:.0f}% | {naive:,.1f} | {ups / naive:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

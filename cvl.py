@@ -1,0 +1,1004 @@
+"""Contrastive Value Learning (CVL) in one pure-JAX file.
+
+Mazoure, Eysenbach, Nachum, Tompson (2022), "Contrastive Value Learning: Implicit Models for Simple Offline RL",
+arXiv:2211.02100.
+
+CVL learns an implicit multi-step model f(s, a, g) = phi(s, a) . psi(g) by contrasting each state-action with a
+state g from its own trajectory's discounted future (positive) against the futures of other transitions in the
+batch (negatives). exp(f) then estimates p(g | s, a) / p(g), so rewards of future states weighted by it give
+Q(s, a) without TD learning and without a reward model. A tanh-Gaussian actor maximises that Q estimate with a
+behaviour-cloning term.
+
+    python cvl.py --env halfcheetah-medium-v2            # the paper's offline setting (GPU recommended)
+    python cvl.py --env hopper-medium-v2 --preset cpu    # a small, quick setting for a laptop
+    python cvl.py --help                                 # every flag
+
+The file reads top to bottom: config, data, goal sampling, networks, losses, update, evaluation, logging, main.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import difflib
+import json
+import math
+import os
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import flax.linen as nn
+import flax.serialization
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+
+# ======================================================================================================== config
+def _flag(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every knob of a run. Defaults are the paper's offline setting (the `paper` preset)."""
+
+    # --- data
+    env: str = _flag("halfcheetah-medium-v2", "D4RL dataset name, e.g. hopper-medium-replay-v2 (see README).")
+    dataset: str = _flag("", "Path to a D4RL-layout .hdf5/.npz file; overrides --env as the data source.")
+    eval_env: str = _flag("", "Gymnasium env id for evaluation; inferred from the dataset name when empty.")
+    d4rl_url: str = _flag("", "Base URL of D4RL's files (a mirror); default $CVL_D4RL_URL, else D4RL's own host.")
+    # --- algorithm
+    steps: int = _flag(1_000_000, "Gradient steps (each updates critic and actor once).")
+    batch_size: int = _flag(1024, "Transitions per batch B; the critic contrasts B x B pairs.")
+    hidden: tuple[int, ...] = _flag((1024, 1024), "Hidden layer widths of every MLP, e.g. --hidden 256 256.")
+    repr_dim: int = _flag(16, "Size of the representations phi(s, a) and psi(g).")
+    lr: float = _flag(3e-4, "Adam learning rate for critic and actor.")
+    adam_eps: float = _flag(1e-7, "Adam epsilon.")
+    gamma: float = _flag(0.99, "Discount: goals are s_{t+k} with P(k) proportional to gamma^(k-1).")
+    critic_loss: str = _flag("nce", "nce: binary NCE (sigmoid) on B x B logits; infonce: softmax CE on rows.",
+                             choices=("nce", "infonce"))
+    q_estimator: str = _flag("diag", "diag: exp(f(s,a,g_i)) r_i (original code); marginal: mean_j exp(f(s,a,g_j)) r_j.",
+                             choices=("diag", "marginal"))
+    bc_coef: float = _flag(0.05, "Weight of the behaviour-cloning term; 1.0 is pure behaviour cloning.")
+    alpha: float = _flag(0.0, "Entropy coefficient (0: no entropy bonus, as in the paper's offline setting).")
+    auto_alpha: bool = _flag(False, "Tune alpha SAC-style towards entropy -|A| instead of a fixed --alpha.")
+    actor_min_std: float = _flag(1e-6, "Minimum std of the actor's Gaussian before tanh.")
+    # --- execution
+    seed: int = _flag(0, "Seed for init, data sampling and evaluation envs (seeds seed..seed+K-1 with --num-seeds).")
+    num_seeds: int = _flag(1, "Train K independent agents in one compiled program (vmap); report mean +- std.")
+    updates_per_call: int = _flag(1000, "Updates run by one jitted call (lax.scan); also the logging interval.")
+    devices: int = _flag(0, "Use this many devices for data parallelism (0: all).")
+    distributed: bool = _flag(False, "Multi-host: call jax.distributed.initialize() (flags below or cluster env).")
+    coordinator_address: str = _flag("", "With --distributed: host:port of process 0 (empty: from the cluster).")
+    num_processes: int = _flag(0, "With --distributed: number of processes (0: from the cluster).")
+    process_id: int = _flag(-1, "With --distributed: this process's index (-1: from the cluster).")
+    # --- evaluation, logging, checkpoints
+    eval_every: int = _flag(10_000, "Evaluate every N steps (and at the end).")
+    eval_episodes: int = _flag(10, "Episodes per evaluation, run as one vectorised env.")
+    out: str = _flag("runs", "Root folder for run directories <out>/<env>__s<seed>__<time>/.")
+    checkpoint_every: int = _flag(50_000, "Write a checkpoint every N steps (also on SIGINT/SIGTERM and at the end).")
+    resume: str = _flag("", "Continue the run in this run directory (its config is reused).")
+    evaluate: str = _flag("", "Only evaluate the policy in this run directory or checkpoint file; no training.")
+    video: str = _flag("", "With --evaluate: write one episode to this .mp4 or .gif (offscreen MuJoCo).")
+    video_steps: int = _flag(0, "With --video: record at most this many env steps (0: the whole episode).")
+    progress: bool = _flag(True, "Show a tqdm progress bar.")
+    wandb: bool = _flag(False, "Also log to Weights & Biases (imported only when set).")
+    wandb_project: str = _flag("cvl", "W&B project name.")
+    preset: str = _flag("paper", "Named settings applied before explicit flags: see PRESETS.", choices=("paper", "cpu"))
+
+
+# Presets only set fields; an explicit flag always wins. `paper` is the dataclass defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "cpu": dict(batch_size=256, hidden=(256, 256), steps=200_000, updates_per_call=500, eval_every=10_000,
+                checkpoint_every=20_000),
+}
+
+
+def make_config(preset: str = "paper", **overrides) -> Config:
+    """Config of a named preset with explicit overrides on top, e.g. make_config("cpu", steps=300)."""
+    if preset not in PRESETS:
+        raise CVLError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return Config(**{**PRESETS[preset], **overrides, "preset": preset})
+
+
+class CVLError(Exception):
+    """A problem with the user's input, reported as one line naming the problem and the fix."""
+
+
+class Diverged(CVLError):
+    """A loss or parameter became NaN/inf during training."""
+
+
+def check_config(cfg: Config) -> None:
+    positive = ("steps", "batch_size", "repr_dim", "num_seeds", "updates_per_call", "eval_every", "eval_episodes",
+                "checkpoint_every")
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise CVLError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if not 0.0 < cfg.gamma < 1.0:
+        raise CVLError(f"--gamma must be in (0, 1), got {cfg.gamma}")
+    if not 0.0 <= cfg.bc_coef <= 1.0:
+        raise CVLError(f"--bc-coef must be in [0, 1], got {cfg.bc_coef}")
+    if not cfg.hidden or min(cfg.hidden) <= 0:
+        raise CVLError(f"--hidden needs one or more positive widths, got {cfg.hidden}")
+
+
+# ========================================================================================================== data
+D4RL_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl"
+# family -> (gymnasium eval env, D4RL reference min return, reference max return), from D4RL's infos.py.
+D4RL_ENVS = {
+    "halfcheetah": ("HalfCheetah-v4", -280.178953, 12135.0),
+    "hopper": ("Hopper-v4", -20.272305, 3234.3),
+    "walker2d": ("Walker2d-v4", 1.629008, 4592.3),
+}
+D4RL_KINDS = ("random", "medium", "medium-replay", "medium-expert", "expert", "full-replay")
+D4RL_NAMES = [f"{env}-{kind}-v2" for env in D4RL_ENVS for kind in D4RL_KINDS]
+REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
+
+
+def d4rl_url(name: str, base: str = "") -> str:
+    """D4RL's download URL for a dataset name, e.g. halfcheetah-medium-v2 -> .../halfcheetah_medium-v2.hdf5."""
+    if name not in D4RL_NAMES:
+        close = difflib.get_close_matches(name, D4RL_NAMES, n=3, cutoff=0.5)
+        hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(D4RL_NAMES[:5])}, ..."
+        raise CVLError(f"unknown D4RL env {name!r}: {hint} (or pass --dataset PATH)")
+    env, kind = name[: -len("-v2")].split("-", 1)
+    base = (base or os.environ.get("CVL_D4RL_URL") or D4RL_URL).rstrip("/")
+    return f"{base}/gym_mujoco_v2/{env}_{kind.replace('-', '_')}-v2.hdf5"
+
+
+def d4rl_cache_dir() -> Path:
+    """D4RL's own cache, so files a user already has are found: $D4RL_DATASET_DIR or ~/.d4rl/datasets."""
+    return Path(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets")).expanduser()
+
+
+def download(url: str, path: Path, chunk: int = 1 << 20) -> Path:
+    """Stream url into path + '.part' (resuming a previous partial download), verify, then rename to path.
+
+    The final name only ever holds a complete, verified file; an interrupted transfer keeps only the .part file,
+    which the next call resumes with an HTTP Range request.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    by_hand = f"download it yourself from {url} and place it at {path}"
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            if have and response.status != 206:  # the server ignored Range: start again
+                have = 0
+            total = response.headers.get("Content-Length")
+            total = int(total) + have if total is not None else None
+            with open(part, "ab" if have else "wb") as f, tqdm(
+                total=total, initial=have, unit="B", unit_scale=True, desc=f"download {path.name}"
+            ) as bar:
+                while block := response.read(chunk):
+                    f.write(block)
+                    bar.update(len(block))
+    except (urllib.error.URLError, OSError) as e:
+        raise CVLError(f"download of {url} failed ({e}); run again to resume, or {by_hand}") from None
+    size = part.stat().st_size
+    if total is not None and size != total:
+        raise CVLError(f"download of {url} stopped at {size} of {total} bytes; run again to resume, or {by_hand}")
+    try:
+        read_dataset_file(part, name_for_errors=url)
+    except CVLError as e:
+        part.unlink()
+        raise CVLError(f"downloaded file from {url} is not a valid D4RL dataset ({e}); {by_hand}") from None
+    os.replace(part, path)
+    return path
+
+
+def read_dataset_file(path: Path, name_for_errors: str | None = None) -> dict[str, np.ndarray]:
+    """Read a D4RL-layout .hdf5 or .npz file into numpy arrays (required keys plus optional next_observations)."""
+    where = name_for_errors or str(path)
+    if not Path(path).exists():
+        raise CVLError(f"dataset file {where} does not exist; check the path or pass --env NAME to download one")
+    keys = REQUIRED_KEYS + ("next_observations",)
+    try:
+        if str(path).endswith(".npz"):
+            with np.load(path) as f:
+                raw = {k: np.asarray(f[k]) for k in keys if k in f}
+        else:
+            import h5py
+
+            with h5py.File(path, "r") as f:
+                raw = {k: np.asarray(f[k]) for k in keys if k in f}
+    except Exception as e:  # h5py/zipfile raise many types for a damaged file
+        raise CVLError(f"dataset file {where} cannot be read ({type(e).__name__}: {e}); it is corrupt or "
+                       f"partially downloaded: delete it and download it again") from None
+    missing = [k for k in REQUIRED_KEYS if k not in raw]
+    if missing:
+        raise CVLError(f"dataset file {where} lacks key(s) {', '.join(missing)}; D4RL layout needs "
+                       f"{', '.join(REQUIRED_KEYS)}")
+    return raw
+
+
+def resolve_dataset(cfg: Config) -> Path:
+    """The dataset file for this config: --dataset, else the D4RL cache, downloading if needed."""
+    if cfg.dataset:
+        return Path(cfg.dataset).expanduser()
+    url = d4rl_url(cfg.env, cfg.d4rl_url)
+    path = d4rl_cache_dir() / url.rsplit("/", 1)[1]
+    return path if path.exists() else download(url, path)
+
+
+def run_label(cfg: Config) -> str:
+    """Name of the data in logs and run folders: the D4RL name, or the dataset file's stem."""
+    return Path(cfg.dataset).stem.replace("_", "-") if cfg.dataset else cfg.env
+
+
+def eval_env_spec(cfg: Config) -> tuple[str, float | None, float | None]:
+    """(gymnasium env id, reference min return, reference max return) for evaluation and normalised scores."""
+    family = run_label(cfg).split("-")[0].lower()
+    if cfg.eval_env:
+        by_env = {v[0].split("-")[0].lower(): v for v in D4RL_ENVS.values()}
+        _, lo, hi = by_env.get(cfg.eval_env.split("-")[0].lower(), (None, None, None))
+        return cfg.eval_env, lo, hi
+    if family not in D4RL_ENVS:
+        raise CVLError(f"cannot infer the evaluation env from {run_label(cfg)!r}; pass --eval-env, e.g. Hopper-v4")
+    return D4RL_ENVS[family]
+
+
+def split_episodes(raw: dict[str, np.ndarray]) -> np.ndarray:
+    """For every row t, the index of the last row of t's episode.
+
+    An episode ends at terminals | timeouts, where next_observations[t] != observations[t+1], and at the end.
+    """
+    n = len(raw["observations"])
+    done = raw["terminals"].astype(bool) | raw["timeouts"].astype(bool)
+    if "next_observations" in raw:
+        done[:-1] |= np.any(raw["next_observations"][:-1] != raw["observations"][1:], axis=-1)
+    done[-1] = True
+    ends = np.flatnonzero(done)
+    return ends[np.searchsorted(ends, np.arange(n))]
+
+
+def validate_dataset(raw: dict[str, np.ndarray], where: str, obs_dim: int, act_dim: int,
+                     act_low: float = -1.0, act_high: float = 1.0, clip_tol: float = 1e-3) -> dict[str, np.ndarray]:
+    """Check a dataset against the eval env; each problem is one line naming the file, key and row."""
+    n = len(raw["observations"])
+    for key in raw:
+        if len(raw[key]) != n:
+            raise CVLError(f"{where}: key {key!r} has {len(raw[key])} rows but observations has {n}; "
+                           f"all keys must have one row per transition")
+    for key, dim in (("observations", obs_dim), ("actions", act_dim), ("next_observations", obs_dim)):
+        if key in raw and (raw[key].ndim != 2 or raw[key].shape[1] != dim):
+            raise CVLError(f"{where}: key {key!r} has shape {raw[key].shape} but the eval env needs (N, {dim}); "
+                           f"pass the matching --eval-env")
+    if raw["rewards"].ndim != 1:
+        raise CVLError(f"{where}: key 'rewards' has shape {raw['rewards'].shape}; expected (N,)")
+    for key in ("observations", "actions", "rewards", "next_observations"):
+        if key in raw:
+            bad = ~np.isfinite(raw[key].reshape(n, -1)).all(axis=1)
+            if bad.any():
+                raise CVLError(f"{where}: key {key!r} row {int(np.argmax(bad))} is NaN or inf "
+                               f"({int(bad.sum())} such rows); fix or drop those rows")
+    actions = raw["actions"]
+    excess = np.maximum(actions - act_high, act_low - actions).max(axis=1)
+    if excess.max() > clip_tol:
+        row = int(np.argmax(excess))
+        raise CVLError(f"{where}: key 'actions' row {row} is outside the env's bounds [{act_low}, {act_high}] "
+                       f"by {excess[row]:.3g}; rescale the actions to the env's action space")
+    if excess.max() > 0:
+        warnings.warn(f"{where}: {int((excess > 0).sum())} actions exceed the bounds by at most "
+                      f"{excess.max():.2g}; clipped", stacklevel=2)
+        raw = {**raw, "actions": np.clip(actions, act_low, act_high)}
+    if not (split_episodes(raw) > np.arange(n)).any():
+        raise CVLError(f"{where}: no episode has more than one step, so no transition has a future goal; "
+                       f"check the terminals and timeouts keys")
+    return raw
+
+
+class Data(NamedTuple):
+    """The whole dataset as device arrays; goal sampling indexes into it inside the jitted step."""
+
+    observations: jax.Array  # [N, obs_dim]
+    actions: jax.Array  # [N, act_dim]
+    rewards: jax.Array  # [N]
+    episode_end: jax.Array  # [N] last row of each row's episode
+    anchors: jax.Array  # [M] rows that have a future (episode_end > t): the only rows drawn
+
+
+def make_data(raw: dict[str, np.ndarray]) -> Data:
+    episode_end = split_episodes(raw)
+    return Data(
+        observations=raw["observations"].astype(np.float32),
+        actions=raw["actions"].astype(np.float32),
+        rewards=raw["rewards"].astype(np.float32),
+        episode_end=episode_end.astype(np.int32),
+        anchors=np.flatnonzero(episode_end > np.arange(len(episode_end))).astype(np.int32),
+    )
+
+
+# ================================================================================================ goal sampling
+class Batch(NamedTuple):
+    observations: jax.Array  # s_t
+    actions: jax.Array  # a_t
+    goals: jax.Array  # s_{t+k}
+    goal_rewards: jax.Array  # r_{t+k}
+
+
+def sample_future_offset(key: jax.Array, horizon: jax.Array, gamma: float) -> jax.Array:
+    """k in {1..horizon} with P(k) proportional to gamma^(k-1), by inverting the truncated geometric CDF.
+
+    CDF(k) = (1 - gamma^k) / (1 - gamma^horizon), so k = ceil(log(1 - u (1 - gamma^horizon)) / log gamma).
+    """
+    u = jax.random.uniform(key, horizon.shape)
+    k = jnp.ceil(jnp.log1p(-u * (1.0 - gamma ** horizon.astype(jnp.float32))) / math.log(gamma))
+    return jnp.clip(k.astype(jnp.int32), 1, horizon)
+
+
+def sample_batch(data: Data, key: jax.Array, batch_size: int, gamma: float) -> Batch:
+    """B transitions uniformly among rows with a future, each with a goal from its own episode's future."""
+    k_row, k_offset = jax.random.split(key)
+    t = data.anchors[jax.random.randint(k_row, (batch_size,), 0, data.anchors.shape[0])]
+    g = t + sample_future_offset(k_offset, data.episode_end[t] - t, gamma)
+    return Batch(data.observations[t], data.actions[t], data.observations[g], data.rewards[g])
+
+
+# ===================================================================================================== networks
+class MLP(nn.Module):
+    hidden: Sequence[int]
+    out: int
+    kernel_init: Any = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x):
+        for width in self.hidden:
+            x = nn.relu(nn.Dense(width, kernel_init=self.kernel_init)(x))
+        return nn.Dense(self.out, kernel_init=self.kernel_init)(x)
+
+
+class Networks(NamedTuple):
+    phi: MLP  # (s, a) -> repr_dim
+    psi: MLP  # g -> repr_dim
+    actor: MLP  # s -> (mean, pre-softplus std) of the Gaussian before tanh
+
+
+def make_networks(cfg: Config, act_dim: int) -> Networks:
+    encoder = partial(MLP, cfg.hidden, cfg.repr_dim, nn.initializers.glorot_uniform())  # as the original code
+    return Networks(phi=encoder(), psi=encoder(), actor=MLP(cfg.hidden, 2 * act_dim, nn.initializers.lecun_uniform()))
+
+
+def critic_logits(nets: Networks, critic: dict, s, a, g):
+    """f(s_i, a_i, g_j) = phi(s_i, a_i) . psi(g_j) for all pairs: [B, B], plus psi(g) for reuse."""
+    phi = nets.phi.apply(critic["phi"], jnp.concatenate([s, a], axis=-1))
+    psi = nets.psi.apply(critic["psi"], g)
+    return phi @ psi.T, psi
+
+
+def actor_dist(nets: Networks, actor, s, min_std: float):
+    mean, pre_std = jnp.split(nets.actor.apply(actor, s), 2, axis=-1)
+    return mean, jax.nn.softplus(pre_std) + min_std
+
+
+def tanh_gaussian_log_prob(mean, std, u):
+    """log pi(tanh(u)) for u ~ N(mean, std): Gaussian log density minus log|d tanh(u)/du|, summed over dims."""
+    gauss = -0.5 * ((u - mean) / std) ** 2 - jnp.log(std) - 0.5 * math.log(2 * math.pi)
+    log_det = 2.0 * (math.log(2.0) - u - jax.nn.softplus(-2.0 * u))  # = log(1 - tanh(u)^2), stable
+    return jnp.sum(gauss - log_det, axis=-1)
+
+
+def eval_action(nets: Networks, actor, s):
+    """Deterministic action tanh(mean)."""
+    return jnp.tanh(jnp.split(nets.actor.apply(actor, s), 2, axis=-1)[0])
+
+
+# ======================================================================================================= losses
+def critic_loss(critic, nets: Networks, batch: Batch, kind: str, shard):
+    """Contrastive loss on the B x B logits: diagonal pairs are positives, all others negatives."""
+    logits, psi = critic_logits(nets, critic, batch.observations, batch.actions, batch.goals)
+    logits = shard(logits, "data", None)  # each device holds its (B/n) x B block: all B-1 negatives per sample
+    labels = jnp.eye(logits.shape[0], dtype=logits.dtype)
+    if kind == "nce":
+        loss = optax.sigmoid_binary_cross_entropy(logits, labels).mean()
+    else:
+        loss = optax.softmax_cross_entropy(logits, labels).mean()
+    diag = jnp.diagonal(logits)
+    metrics = dict(
+        critic_loss=loss,
+        binary_accuracy=jnp.mean((logits > 0) == (labels > 0)),
+        categorical_accuracy=jnp.mean(jnp.argmax(logits, axis=1) == jnp.arange(logits.shape[0])),
+        logits_pos=diag.mean(),
+        logits_neg=(logits.sum() - diag.sum()) / (logits.size - diag.size),
+        logsumexp=jax.nn.logsumexp(logits, axis=1).mean(),
+    )
+    return loss, (metrics, psi)
+
+
+def q_estimate(nets: Networks, critic, s, a, psi, goal_rewards, estimator: str):
+    """Q(s, a) without TD: exp(f) estimates p(g | s, a) / p(g), so it re-weights the rewards of future states."""
+    phi = nets.phi.apply(critic["phi"], jnp.concatenate([s, a], axis=-1))
+    if estimator == "diag":  # each sample's own goal, as the original code: exp(phi_i . psi_i) r_i
+        return jnp.exp(jnp.sum(phi * psi, axis=-1)) * goal_rewards
+    return jnp.exp(phi @ psi.T) @ goal_rewards / goal_rewards.shape[0]  # mean_j exp(phi_i . psi_j) r_j
+
+
+def actor_loss(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):
+    """bc_coef * (-log pi(a_data|s)) + (1 - bc_coef) * (alpha log pi(a~|s) - Q(s, a~)), a~ reparameterised."""
+    mean, std = actor_dist(nets, actor, batch.observations, cfg.actor_min_std)
+    u = mean + std * jax.random.normal(key, mean.shape)
+    log_prob = tanh_gaussian_log_prob(mean, std, u)
+    q = q_estimate(nets, critic, batch.observations, jnp.tanh(u), psi, batch.goal_rewards, cfg.q_estimator)
+    data_u = jnp.arctanh(jnp.clip(batch.actions, -1 + 1e-6, 1 - 1e-6))
+    bc = -tanh_gaussian_log_prob(mean, std, data_u)
+    loss = jnp.mean(cfg.bc_coef * bc + (1 - cfg.bc_coef) * (alpha * log_prob - q))
+    return loss, dict(actor_loss=loss, q_mean=q.mean(), bc_nll=bc.mean(), entropy=-log_prob.mean())
+
+
+# ======================================================================================================= update
+class TrainState(flax.struct.PyTreeNode):
+    critic: dict  # {"phi": ..., "psi": ...}
+    actor: Any
+    log_alpha: jax.Array
+    critic_opt: Any
+    actor_opt: Any
+    alpha_opt: Any
+    key: jax.Array  # typed PRNG key: data sampling and the actor's noise
+    step: jax.Array
+
+
+def make_optimizer(cfg: Config):
+    return optax.adam(cfg.lr, eps=cfg.adam_eps)
+
+
+def init_state(key: jax.Array, cfg: Config, nets: Networks, obs_dim: int, act_dim: int) -> TrainState:
+    k_phi, k_psi, k_actor, key = jax.random.split(key, 4)
+    critic = {"phi": nets.phi.init(k_phi, jnp.zeros((1, obs_dim + act_dim))),
+              "psi": nets.psi.init(k_psi, jnp.zeros((1, obs_dim)))}
+    actor = nets.actor.init(k_actor, jnp.zeros((1, obs_dim)))
+    log_alpha = jnp.asarray(math.log(cfg.alpha) if cfg.alpha > 0 else 0.0, jnp.float32)
+    opt = make_optimizer(cfg)
+    return TrainState(critic, actor, log_alpha, opt.init(critic), opt.init(actor), opt.init(log_alpha), key,
+                      jnp.zeros((), jnp.int32))
+
+
+def update_step(state: TrainState, data: Data, cfg: Config, nets: Networks, shard) -> tuple[TrainState, dict]:
+    """One gradient step: sample a batch with goals on device, then learn from it."""
+    key, k_batch, k_actor = jax.random.split(state.key, 3)
+    batch = jax.tree.map(lambda x: shard(x, "data"), sample_batch(data, k_batch, cfg.batch_size, cfg.gamma))
+    return learn_from_batch(state.replace(key=key), batch, k_actor, cfg, nets, shard)
+
+
+def learn_from_batch(state: TrainState, batch: Batch, k_actor, cfg: Config, nets: Networks, shard):
+    """Update critic and actor (and alpha), both from the parameters before the step."""
+    opt = make_optimizer(cfg)
+
+    (_, (metrics, psi)), critic_grads = jax.value_and_grad(critic_loss, has_aux=True)(
+        state.critic, nets, batch, cfg.critic_loss, shard)
+    # The actor reuses the critic's goal representations psi(g); neither psi nor the critic moves with the actor.
+    alpha = jnp.exp(state.log_alpha) if cfg.auto_alpha else cfg.alpha
+    (_, actor_metrics), actor_grads = jax.value_and_grad(actor_loss, has_aux=True)(
+        state.actor, jax.lax.stop_gradient(state.critic), jax.lax.stop_gradient(psi), nets, batch, k_actor, alpha,
+        cfg)
+    metrics.update(actor_metrics)
+
+    critic_updates, critic_opt = opt.update(critic_grads, state.critic_opt)
+    actor_updates, actor_opt = opt.update(actor_grads, state.actor_opt)
+    log_alpha, alpha_opt = state.log_alpha, state.alpha_opt
+    if cfg.auto_alpha:  # SAC: raise alpha while entropy is below the target -|A|
+        target_entropy = -batch.actions.shape[-1]
+        alpha_grad = actor_metrics["entropy"] - target_entropy  # d/dlog_alpha of -log_alpha * (log_pi + target)
+        alpha_updates, alpha_opt = opt.update(alpha_grad, state.alpha_opt)
+        log_alpha = optax.apply_updates(log_alpha, alpha_updates)
+        metrics["alpha"] = jnp.exp(log_alpha)
+    new_state = state.replace(
+        critic=optax.apply_updates(state.critic, critic_updates), actor=optax.apply_updates(state.actor, actor_updates),
+        log_alpha=log_alpha, critic_opt=critic_opt, actor_opt=actor_opt, alpha_opt=alpha_opt, step=state.step + 1)
+    return new_state, metrics
+
+
+def make_mesh(cfg: Config) -> jax.sharding.Mesh:
+    n = cfg.devices or jax.device_count()
+    if n > jax.device_count():
+        raise CVLError(f"--devices {n} but only {jax.device_count()} device(s) are visible")
+    if cfg.batch_size % n:
+        raise CVLError(f"--batch-size {cfg.batch_size} must be divisible by the {n} devices; change one of them")
+    return jax.sharding.Mesh(np.array(jax.devices()[:n]), ("data",))
+
+
+def make_train_fn(cfg: Config, nets: Networks, mesh: jax.sharding.Mesh):
+    """jit(scan(vmap(update_step))): n updates of K seeds in one call, batch sampling included.
+
+    Data parallelism is `jax.jit` over a Mesh rather than pmap: the code stays the single-device maths, and
+    sharding annotations split each batch over the mesh's "data" axis. XLA then all-gathers psi(g) so every device
+    computes its (B/n) x B block of logits, and all-reduces the gradients, so the loss, gradients and metrics are
+    those of the single-device global batch.
+    """
+
+    def shard(x, *spec):  # on one device a constraint means nothing, but it can slow XLA's CPU code down
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec))) if mesh.size > 1 else x
+
+    update = partial(update_step, cfg=cfg, nets=nets, shard=shard)
+    if cfg.num_seeds > 1:
+        update = jax.vmap(update, in_axes=(0, None))
+    else:  # one seed: drop the seed axis inside the step, since XLA's CPU matmuls are slower with a batch dim of 1
+        update = partial(without_seed_axis, update)
+
+    def train_chunk(state, data, n):
+        state, metrics = jax.lax.scan(lambda s, _: update(s, data), state, None, length=n)
+        finite = jnp.stack([jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
+                            for x in jax.tree.leaves((state.critic, state.actor))]).all(axis=0)
+        return state, metrics, finite  # metrics: {name: [n, K]}, finite: [K]
+
+    return jax.jit(train_chunk, static_argnums=2)
+
+
+def without_seed_axis(update, state, data):
+    state, metrics = update(jax.tree.map(lambda x: x[0], state), data)
+    return jax.tree.map(lambda x: x[None], (state, metrics))
+
+
+def replicate(tree, mesh):
+    """Put a host pytree on every device of the mesh (works across processes: each passes the same values)."""
+    sharding = NamedSharding(mesh, P())
+    return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda idx: np.asarray(x)[idx]),
+                        tree)
+
+
+def to_host(tree):
+    """Numpy copy of a replicated pytree; reads the local copy, so it works on every process of a multi-host run."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+
+
+# =================================================================================================== evaluation
+@contextlib.contextmanager
+def quiet_env_creation():
+    """Making a v4 MuJoCo env prints a C-level XML deprecation notice per env and gymnasium a v4-is-old warning;
+    both are noise here (D4RL's data matches the v4 models), so hide them while envs are made."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull, warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def eval_reset_seeds(seeds: Sequence[int], episodes: int) -> list[int]:
+    """Env reset seeds for each training seed: reproducible and distinct across training seeds."""
+    return [10_007 * s + j for s in seeds for j in range(episodes)]
+
+
+def evaluate(actor_params, nets: Networks, env_id: str, seeds: Sequence[int], episodes: int) -> np.ndarray:
+    """Returns [K, episodes] of deterministic-policy returns, all K x episodes run as one vectorised env."""
+    import gymnasium as gym
+
+    k = len(seeds)
+    policy = jax.jit(jax.vmap(partial(eval_action, nets)))  # vmap over seeds: params [K, ...], obs [K, E, obs]
+    with quiet_env_creation():
+        envs = gym.make_vec(env_id, num_envs=k * episodes, vectorization_mode="sync")
+    try:
+        obs, _ = envs.reset(seed=eval_reset_seeds(seeds, episodes))
+        returns = np.zeros(k * episodes)
+        alive = np.ones(k * episodes, dtype=bool)
+        while alive.any():
+            actions = policy(actor_params, obs.reshape(k, episodes, -1).astype(np.float32))
+            obs, reward, terminated, truncated, _ = envs.step(np.asarray(actions).reshape(k * episodes, -1))
+            returns += reward * alive
+            alive &= ~(terminated | truncated)
+    finally:
+        envs.close()
+    return returns.reshape(k, episodes)
+
+
+def normalized_score(returns, ref_min, ref_max):
+    """D4RL's normalised score: 100 * (return - random) / (expert - random); NaN for unknown envs."""
+    if ref_min is None:
+        return np.full(np.shape(returns), np.nan)
+    return 100.0 * (np.asarray(returns) - ref_min) / (ref_max - ref_min)
+
+
+# ====================================================================================================== logging
+def per_seed_columns(name: str, values: np.ndarray) -> dict[str, float]:
+    """One column for one seed; with K seeds: name (mean), name_std and name_s<i> per seed."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 1:
+        return {name: float(values.reshape(()))}
+    cols = {name: float(values.mean()), f"{name}_std": float(values.std())}
+    cols.update({f"{name}_s{i}": float(v) for i, v in enumerate(values)})
+    return cols
+
+
+class MetricsLog:
+    """metrics.csv: one row per jitted call (step, wall time, every metric), eval columns at eval steps."""
+
+    def __init__(self, path: Path, rows: list[dict]):
+        self.path, self.rows = path, list(rows)
+        self._rewrite()
+
+    def _rewrite(self):
+        keys = list(dict.fromkeys(k for row in self.rows for k in row))
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, self.path)
+        self.keys = keys
+
+    def append(self, row: dict):
+        self.rows.append(row)
+        if list(row) != self.keys:  # columns appear at the first evaluation: rewrite with the wider header
+            self._rewrite()
+            return
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.keys).writerow(row)
+
+
+def plot_learning_curve(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("score", "normalised score"), ("critic_loss", "critic loss"), ("actor_loss", "actor loss"),
+              ("categorical_accuracy", "critic categorical accuracy")]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
+    for ax, (key, label) in zip(axes, panels):
+        pts = [(r["step"], r[key], r.get(f"{key}_std", 0.0)) for r in rows if r.get(key) not in (None, "")]
+        if pts:
+            x, y, s = (np.array(v, dtype=float) for v in zip(*pts))
+            ax.plot(x, y, marker="o" if key == "score" else None, ms=3)
+            ax.fill_between(x, y - s, y + s, alpha=0.25)
+        ax.set_xlabel("gradient step")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def state_to_dict(state: TrainState) -> dict:
+    return flax.serialization.to_state_dict(to_host(state.replace(key=jax.random.key_data(state.key))))
+
+
+def save_checkpoint(run_dir: Path, state: TrainState, cfg: Config, rows: list[dict]) -> Path:
+    """Atomic: write a temp file, fsync, rename. A crash mid-write leaves the previous checkpoint intact."""
+    path = run_dir / "checkpoint.msgpack"
+    payload = {"state": state_to_dict(state), "step": int(np.max(to_host(state.step))),
+               "config": json.dumps(dataclasses.asdict(cfg)), "rows": json.dumps(rows)}
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(flax.serialization.msgpack_serialize(payload))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.msgpack"
+    if not path.exists():
+        raise CVLError(f"no checkpoint at {path}; pass a run directory written by cvl.py or its checkpoint file")
+    try:
+        payload = flax.serialization.msgpack_restore(path.read_bytes())
+        payload["config"] = config_from_dict(json.loads(payload["config"]))
+        payload["rows"] = json.loads(payload["rows"])
+    except CVLError:
+        raise
+    except Exception as e:
+        raise CVLError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is damaged") from None
+    return payload
+
+
+def config_from_dict(d: dict) -> Config:
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise CVLError(f"saved config has unknown field(s) {unknown}; it was written by another cvl.py version")
+    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def restore_state(template: TrainState, state_dict: dict) -> TrainState:
+    state_dict = dict(state_dict)
+    state_dict["key"] = jax.random.wrap_key_data(np.asarray(state_dict["key"]))
+    state = flax.serialization.from_state_dict(template.replace(key=state_dict["key"]), state_dict)
+    return jax.tree.map(jnp.asarray, state)
+
+
+def new_run_dir(cfg: Config) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.out) / f"{run_label(cfg)}__s{cfg.seed}__{stamp}"
+    run_dir, i = base, 1
+    while run_dir.exists():
+        run_dir, i = base.with_name(f"{base.name}-{i}"), i + 1
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+# ========================================================================================================= main
+def init_distributed(cfg: Config) -> None:
+    if not cfg.distributed or jax.distributed.is_initialized():
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend collectives across processes
+    jax.distributed.initialize(coordinator_address=cfg.coordinator_address or None,
+                               num_processes=cfg.num_processes or None,
+                               process_id=cfg.process_id if cfg.process_id >= 0 else None)
+
+
+def load_env_data(cfg: Config):
+    """Dataset, eval env and dimensions, validated against each other."""
+    import gymnasium as gym
+
+    env_id, ref_min, ref_max = eval_env_spec(cfg)
+    path = resolve_dataset(cfg)
+    raw = read_dataset_file(path)
+    try:
+        with quiet_env_creation():
+            env = gym.make(env_id)
+    except gym.error.Error as e:
+        raise CVLError(f"cannot make eval env {env_id!r} ({e}); pass a gymnasium id with --eval-env") from None
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    low, high = float(env.action_space.low.min()), float(env.action_space.high.max())
+    env.close()
+    raw = validate_dataset(raw, str(path), obs_dim, act_dim, low, high)
+    return make_data(raw), (env_id, ref_min, ref_max), obs_dim, act_dim
+
+
+def train(cfg: Config) -> dict:
+    """Train (or resume) a run and return its final metrics. Usable from a notebook: train(make_config("cpu"))."""
+    check_config(cfg)
+    init_distributed(cfg)
+    lead = jax.process_index() == 0
+    data, (env_id, ref_min, ref_max), obs_dim, act_dim = load_env_data(cfg)
+    mesh = make_mesh(cfg)
+    nets = make_networks(cfg, act_dim)
+    seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
+    state = jax.vmap(lambda k: init_state(k, cfg, nets, obs_dim, act_dim))(jnp.stack([jax.random.key(s) for s in seeds]))
+
+    rows, elapsed = [], 0.0
+    if cfg.resume:
+        run_dir = Path(cfg.resume)
+        ckpt = load_checkpoint(run_dir)
+        state, rows = restore_state(state, ckpt["state"]), ckpt["rows"]
+        elapsed = rows[-1]["wall_time"] if rows else 0.0
+    else:
+        run_dir = new_run_dir(cfg) if lead else Path(cfg.out)
+    if lead:
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        log = MetricsLog(run_dir / "metrics.csv", rows)
+        print(f"cvl: {run_label(cfg)}: {len(data.anchors):,} transitions with a future, eval on {env_id}, "
+              f"{cfg.num_seeds} seed(s) on {mesh.devices.size} device(s) -> {run_dir}", flush=True)
+    wandb_run = None
+    if cfg.wandb and lead:
+        import wandb
+
+        wandb_run = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), name=run_dir.name)
+
+    data, state = replicate(data, mesh), replicate(to_host_state(state), mesh)
+    state = state.replace(key=jax.random.wrap_key_data(state.key))
+    train_chunk = make_train_fn(cfg, nets, mesh)
+    step = int(np.max(to_host(state.step)))
+
+    stop = {}  # set by SIGINT/SIGTERM; checked between jitted calls
+    handlers = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            handlers[sig] = signal.signal(sig, lambda signum, _: stop.setdefault("signal", signum))
+        except ValueError:  # not the main thread (e.g. some notebook runners): no graceful stop
+            pass
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and lead), desc=run_label(cfg),
+               dynamic_ncols=True)
+    last_score = None
+    start = time.perf_counter() - elapsed
+    try:
+        while step < cfg.steps:
+            n = min(cfg.updates_per_call, cfg.steps - step, cfg.eval_every - step % cfg.eval_every,
+                    cfg.checkpoint_every - step % cfg.checkpoint_every)
+            t0 = time.perf_counter()
+            new_state, metrics, finite = train_chunk(state, data, n)
+            metrics, finite = to_host(metrics), to_host(finite)
+            dt = time.perf_counter() - t0
+            try:
+                check_finite(metrics, finite, step, seeds, run_dir)
+            except Diverged:
+                if lead:  # the state before this call is the last good one: keep it
+                    save_checkpoint(run_dir, state, cfg, log.rows)
+                raise
+            state, step = new_state, step + n
+            row = {"step": step, "wall_time": round(time.perf_counter() - start, 3), "updates_per_sec": n / dt}
+            for name, values in metrics.items():
+                row.update(per_seed_columns(name, values.mean(axis=0)))
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                returns = evaluate(to_host(state.actor), nets, env_id, seeds, cfg.eval_episodes)
+                row.update(per_seed_columns("return_mean", returns.mean(axis=1)))
+                row.update(per_seed_columns("return_std", returns.std(axis=1)))
+                row.update(per_seed_columns("score", normalized_score(returns.mean(axis=1), ref_min, ref_max)))
+                last_score = row["score"]
+            if lead:
+                log.append(row)
+                if wandb_run is not None:
+                    wandb_run.log(row, step=step)
+            bar.update(n)
+            bar.set_postfix(critic=f"{row['critic_loss']:.3f}", actor=f"{row['actor_loss']:.3g}",
+                            acc=f"{row['categorical_accuracy']:.2f}", ups=f"{n / dt:.0f}",
+                            score="-" if last_score is None else f"{last_score:.1f}")
+            if lead and (step % cfg.checkpoint_every == 0 or step == cfg.steps or stop):
+                save_checkpoint(run_dir, state, cfg, log.rows)
+            if stop:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        bar.close()
+        if lead:
+            save_checkpoint(run_dir, state, cfg, log.rows)
+            print(f"cvl: interrupted at step {step}; checkpoint saved. Continue with: "
+                  f"python cvl.py --resume {run_dir}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + stop.get("signal", signal.SIGINT))
+    finally:
+        bar.close()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if wandb_run is not None:
+            wandb_run.finish()
+
+    final = dict(log.rows[-1]) if lead else {}
+    if lead:
+        plot_learning_curve(log.rows, run_dir / "learning_curve.png", f"CVL on {run_label(cfg)}")
+        spread = f" +- {final['score_std']:.1f} over {len(seeds)} seeds" if "score_std" in final else ""
+        print(f"cvl: done at step {step}: normalised score {final.get('score', float('nan')):.1f}{spread}, "
+              f"return {final.get('return_mean', float('nan')):.1f}; results in {run_dir}", flush=True)
+    final["run_dir"] = str(run_dir)
+    return final
+
+
+def to_host_state(state: TrainState) -> TrainState:
+    return to_host(state.replace(key=jax.random.key_data(state.key)))
+
+
+def check_finite(metrics: dict, finite: np.ndarray, step: int, seeds: list[int], run_dir: Path) -> None:
+    """Stop on the first NaN/inf loss or parameter, naming the step, the loss and the seed."""
+    for name in ("critic_loss", "actor_loss"):
+        bad = ~np.isfinite(metrics[name])  # [n, K]
+        if bad.any():
+            i, k = np.argwhere(bad)[0]
+            raise Diverged(f"non-finite {name} at step {step + i + 1} (seed {seeds[k]}); training stopped, the "
+                           f"last good checkpoint in {run_dir} is kept: lower --lr or check the data")
+    if not finite.all():
+        raise Diverged(f"non-finite parameters after step {step} (seed {seeds[int(np.argmin(finite))]}); training "
+                       f"stopped, the last good checkpoint in {run_dir} is kept")
+
+
+def evaluate_checkpoint(path: str, episodes: int, video: str = "", video_steps: int = 0) -> dict:
+    """--evaluate: load a saved policy, report returns and normalised score, optionally write a video."""
+    ckpt = load_checkpoint(Path(path))
+    cfg = ckpt["config"]
+    import gymnasium as gym
+
+    env_id, ref_min, ref_max = eval_env_spec(cfg)
+    with quiet_env_creation():
+        env = gym.make(env_id)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    env.close()
+    nets = make_networks(cfg, act_dim)
+    seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
+    template = jax.vmap(lambda k: init_state(k, cfg, nets, obs_dim, act_dim))(
+        jnp.stack([jax.random.key(s) for s in seeds]))
+    state = restore_state(template, ckpt["state"])
+    returns = evaluate(to_host(state.actor), nets, env_id, seeds, episodes)
+    scores = normalized_score(returns.mean(axis=1), ref_min, ref_max)
+    result = {"step": ckpt["step"], **per_seed_columns("return_mean", returns.mean(axis=1)),
+              **per_seed_columns("score", scores)}
+    print(f"cvl: {run_label(cfg)} step {ckpt['step']}: return {returns.mean():.1f} +- {returns.std():.1f} over "
+          f"{returns.size} episodes, normalised score {np.mean(scores):.1f}", flush=True)
+    if video:
+        frames = record_episode(jax.tree.map(lambda x: x[0], to_host(state.actor)), nets, env_id, seeds[0],
+                                max_steps=video_steps)
+        if frames is not None:
+            write_video(frames, Path(video))
+            result["video"] = video
+            print(f"cvl: wrote {len(frames)} frames to {video}", flush=True)
+    return result
+
+
+def record_episode(actor, nets: Networks, env_id: str, seed: int, size=(480, 360), max_steps: int = 0):
+    """One deterministic episode rendered offscreen; None (with a message) where no GL backend exists."""
+    import gymnasium as gym
+
+    try:
+        with quiet_env_creation():
+            env = gym.make(env_id, render_mode="rgb_array", width=size[0], height=size[1])
+        obs, _ = env.reset(seed=eval_reset_seeds([seed], 1)[0])
+        frames = [env.render()]
+    except Exception as e:  # no EGL/OSMesa/GLFW: mujoco raises various errors
+        print(f"cvl: no video: offscreen rendering failed ({type(e).__name__}: {e}); install an OpenGL backend "
+              f"(Debian/Ubuntu: apt-get install libegl1 libgl1-mesa-dri) and set MUJOCO_GL=egl", file=sys.stderr)
+        return None
+    policy = jax.jit(partial(eval_action, nets))
+    done = False
+    while not done:
+        obs, _, terminated, truncated, _ = env.step(np.asarray(policy(actor, obs.astype(np.float32))))
+        frames.append(env.render())
+        done = terminated or truncated or len(frames) > max_steps > 0
+    env.close()
+    return frames
+
+
+def write_video(frames, path: Path, fps: int = 30) -> None:
+    import imageio.v2 as imageio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".gif":
+        imageio.mimsave(path, frames, duration=1000 / fps, loop=0)
+    else:
+        imageio.mimsave(path, frames, fps=fps, macro_block_size=1)
+
+
+# ===================================================================================================== the CLI
+def parse_args(argv: Sequence[str] | None = None):
+    """Flags from the Config fields. Returns the explicitly given fields only, so presets can fill the rest."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="cvl.py", description=__doc__.split("\n\n")[0] + ".",
+        epilog="presets: " + "; ".join(f"{k}: {v or 'the defaults shown above (the paper)'}" for k, v in PRESETS.items()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        name = "--" + f.name.replace("_", "-")
+        kw = dict(help=f.metadata["help"], default=argparse.SUPPRESS)
+        if f.type == "bool":
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
+        elif f.name == "hidden":
+            parser.add_argument(name, type=int, nargs="+", **kw)
+        else:
+            parser.add_argument(name, type={"int": int, "float": float}.get(f.type, str),
+                                choices=f.metadata.get("choices"), **kw)
+        parser._option_string_actions[name].help += f" (default: {f.default})"
+    args = vars(parser.parse_args(argv))
+    if "hidden" in args:
+        args["hidden"] = tuple(args["hidden"])
+    return args
+
+
+def resume_config(run_dir: str, **given) -> Config:
+    """The saved config of run_dir; a given value that contradicts it is an error naming the flag."""
+    saved = load_checkpoint(Path(run_dir))["config"]
+    may_change = {"resume", "progress", "wandb", "wandb_project", "steps"}
+    for name, value in given.items():
+        if name not in may_change and getattr(saved, name) != value:
+            raise CVLError(f"--{name.replace('_', '-')} {value} contradicts the run being resumed "
+                           f"({getattr(saved, name)}); drop the flag or start a new run")
+    return dataclasses.replace(saved, resume=str(run_dir), **{k: v for k, v in given.items() if k in may_change})
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    given = parse_args(argv)
+    if given.get("video") and not given.get("evaluate"):
+        raise CVLError("--video needs --evaluate RUN_DIR (videos are made from saved policies)")
+    if given.get("evaluate"):
+        os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set before mujoco is imported
+        cfg = make_config(given.get("preset", "paper"), **{k: v for k, v in given.items() if k != "preset"})
+        return evaluate_checkpoint(cfg.evaluate, cfg.eval_episodes, cfg.video, cfg.video_steps)
+    if given.get("resume"):
+        return train(resume_config(given.pop("resume"), **given))
+    return train(make_config(given.pop("preset", "paper"), **given))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except CVLError as e:
+        print(f"cvl: error: {e}", file=sys.stderr)
+        sys.exit(3 if isinstance(e, Diverged) else 2)
