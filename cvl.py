@@ -73,6 +73,9 @@ class Config:
                              choices=("nce", "infonce"))
     q_estimator: str = _flag("diag", "diag: exp(f(s,a,g_i)) r_i (original code); marginal: mean_j exp(f(s,a,g_j)) r_j.",
                              choices=("diag", "marginal"))
+    density_ratio: str = _flag("raw", "raw: Q from exp(f) as the original code; corrected: (B-1) exp(f) with the nce "
+                               "critic, whose optimum is exp(f) = p(g|s,a) / ((B-1) p(g)).",
+                               choices=("raw", "corrected"))
     bc_coef: float = _flag(0.05, "Weight of the behaviour-cloning term; 1.0 is pure behaviour cloning.")
     alpha: float = _flag(0.0, "Entropy coefficient (0: no entropy bonus, as in the paper's offline setting).")
     auto_alpha: bool = _flag(False, "Tune alpha SAC-style towards entropy -|A| instead of a fixed --alpha.")
@@ -98,7 +101,8 @@ class Config:
     progress: bool = _flag(True, "Show a tqdm progress bar.")
     wandb: bool = _flag(False, "Also log to Weights & Biases (imported only when set).")
     wandb_project: str = _flag("cvl", "W&B project name.")
-    preset: str = _flag("paper", "Named settings applied before explicit flags: see PRESETS.", choices=("paper", "cpu"))
+    preset: str = _flag("paper", "Named settings applied before explicit flags (listed at the end of --help).",
+                        choices=("paper", "cpu"))
 
 
 # Presets only set fields; an explicit flag always wins. `paper` is the dataclass defaults.
@@ -422,12 +426,18 @@ def critic_loss(critic, nets: Networks, batch: Batch, kind: str, shard):
     return loss, (metrics, psi)
 
 
-def q_estimate(nets: Networks, critic, s, a, psi, goal_rewards, estimator: str):
+def q_estimate(nets: Networks, critic, s, a, psi, goal_rewards, cfg: Config):
     """Q(s, a) without TD: exp(f) estimates p(g | s, a) / p(g), so it re-weights the rewards of future states."""
     phi = nets.phi.apply(critic["phi"], jnp.concatenate([s, a], axis=-1))
-    if estimator == "diag":  # each sample's own goal, as the original code: exp(phi_i . psi_i) r_i
-        return jnp.exp(jnp.sum(phi * psi, axis=-1)) * goal_rewards
-    return jnp.exp(phi @ psi.T) @ goal_rewards / goal_rewards.shape[0]  # mean_j exp(phi_i . psi_j) r_j
+    if cfg.q_estimator == "diag":  # each sample's own goal, as the original code: exp(phi_i . psi_i) r_i
+        q = jnp.exp(jnp.sum(phi * psi, axis=-1)) * goal_rewards
+    else:  # every goal in the batch: mean_j exp(phi_i . psi_j) r_j
+        q = jnp.exp(phi @ psi.T) @ goal_rewards / goal_rewards.shape[0]
+    # Binary NCE sees B-1 negatives per positive, so its optimal logit is log p(g|s,a)/p(g) - log(B-1): exp(f)
+    # is the density ratio divided by B-1. "corrected" undoes that; "raw" keeps the original code's scale.
+    if cfg.density_ratio == "corrected" and cfg.critic_loss == "nce":
+        q = q * (psi.shape[0] - 1)
+    return q
 
 
 def actor_loss(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):
@@ -435,7 +445,7 @@ def actor_loss(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg
     mean, std = actor_dist(nets, actor, batch.observations, cfg.actor_min_std)
     u = mean + std * jax.random.normal(key, mean.shape)
     log_prob = tanh_gaussian_log_prob(mean, std, u)
-    q = q_estimate(nets, critic, batch.observations, jnp.tanh(u), psi, batch.goal_rewards, cfg.q_estimator)
+    q = q_estimate(nets, critic, batch.observations, jnp.tanh(u), psi, batch.goal_rewards, cfg)
     data_u = jnp.arctanh(jnp.clip(batch.actions, -1 + 1e-6, 1 - 1e-6))
     bc = -tanh_gaussian_log_prob(mean, std, data_u)
     loss = jnp.mean(cfg.bc_coef * bc + (1 - cfg.bc_coef) * (alpha * log_prob - q))
@@ -467,6 +477,12 @@ def init_state(key: jax.Array, cfg: Config, nets: Networks, obs_dim: int, act_di
     opt = make_optimizer(cfg)
     return TrainState(critic, actor, log_alpha, opt.init(critic), opt.init(actor), opt.init(log_alpha), key,
                       jnp.zeros((), jnp.int32))
+
+
+def init_states(cfg: Config, nets: Networks, seeds: Sequence[int], obs_dim: int, act_dim: int) -> TrainState:
+    """One independent train state per seed, stacked on a leading seed axis."""
+    keys = jnp.stack([jax.random.key(s) for s in seeds])
+    return jax.vmap(lambda k: init_state(k, cfg, nets, obs_dim, act_dim))(keys)
 
 
 def update_step(state: TrainState, data: Data, cfg: Config, nets: Networks, shard) -> tuple[TrainState, dict]:
@@ -669,15 +685,17 @@ def plot_learning_curve(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def state_to_dict(state: TrainState) -> dict:
-    return flax.serialization.to_state_dict(to_host(state.replace(key=jax.random.key_data(state.key))))
+def to_host_state(state: TrainState) -> TrainState:
+    """Numpy copy of a train state, with the typed PRNG key as its raw uint32 data."""
+    return to_host(state.replace(key=jax.random.key_data(state.key)))
 
 
 def save_checkpoint(run_dir: Path, state: TrainState, cfg: Config, rows: list[dict]) -> Path:
     """Atomic: write a temp file, fsync, rename. A crash mid-write leaves the previous checkpoint intact."""
     path = run_dir / "checkpoint.msgpack"
-    payload = {"state": state_to_dict(state), "step": int(np.max(to_host(state.step))),
-               "config": json.dumps(dataclasses.asdict(cfg)), "rows": json.dumps(rows)}
+    payload = {"state": flax.serialization.to_state_dict(to_host_state(state)),
+               "step": int(np.max(to_host(state.step))), "config": json.dumps(dataclasses.asdict(cfg)),
+               "rows": json.dumps(rows)}
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(flax.serialization.msgpack_serialize(payload))
@@ -739,22 +757,27 @@ def init_distributed(cfg: Config) -> None:
                                process_id=cfg.process_id if cfg.process_id >= 0 else None)
 
 
-def load_env_data(cfg: Config):
-    """Dataset, eval env and dimensions, validated against each other."""
+def env_spaces(env_id: str) -> tuple[int, int, float, float]:
+    """(observation dim, action dim, action low, action high) of a gymnasium env."""
     import gymnasium as gym
 
-    env_id, ref_min, ref_max = eval_env_spec(cfg)
-    path = resolve_dataset(cfg)
-    raw = read_dataset_file(path)
     try:
         with quiet_env_creation():
             env = gym.make(env_id)
     except gym.error.Error as e:
         raise CVLError(f"cannot make eval env {env_id!r} ({e}); pass a gymnasium id with --eval-env") from None
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    low, high = float(env.action_space.low.min()), float(env.action_space.high.max())
+    spaces = (env.observation_space.shape[0], env.action_space.shape[0], float(env.action_space.low.min()),
+              float(env.action_space.high.max()))
     env.close()
-    raw = validate_dataset(raw, str(path), obs_dim, act_dim, low, high)
+    return spaces
+
+
+def load_env_data(cfg: Config):
+    """Dataset, eval env and dimensions, validated against each other."""
+    env_id, ref_min, ref_max = eval_env_spec(cfg)
+    path = resolve_dataset(cfg)
+    obs_dim, act_dim, low, high = env_spaces(env_id)
+    raw = validate_dataset(read_dataset_file(path), str(path), obs_dim, act_dim, low, high)
     return make_data(raw), (env_id, ref_min, ref_max), obs_dim, act_dim
 
 
@@ -767,7 +790,7 @@ def train(cfg: Config) -> dict:
     mesh = make_mesh(cfg)
     nets = make_networks(cfg, act_dim)
     seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
-    state = jax.vmap(lambda k: init_state(k, cfg, nets, obs_dim, act_dim))(jnp.stack([jax.random.key(s) for s in seeds]))
+    state = init_states(cfg, nets, seeds, obs_dim, act_dim)
 
     rows, elapsed = [], 0.0
     if cfg.resume:
@@ -846,7 +869,7 @@ def train(cfg: Config) -> dict:
             save_checkpoint(run_dir, state, cfg, log.rows)
             print(f"cvl: interrupted at step {step}; checkpoint saved. Continue with: "
                   f"python cvl.py --resume {run_dir}", file=sys.stderr, flush=True)
-        raise SystemExit(128 + stop.get("signal", signal.SIGINT))
+        raise SystemExit(128 + stop.get("signal", signal.SIGINT)) from None
     finally:
         bar.close()
         for sig, handler in handlers.items():
@@ -862,10 +885,6 @@ def train(cfg: Config) -> dict:
               f"return {final.get('return_mean', float('nan')):.1f}; results in {run_dir}", flush=True)
     final["run_dir"] = str(run_dir)
     return final
-
-
-def to_host_state(state: TrainState) -> TrainState:
-    return to_host(state.replace(key=jax.random.key_data(state.key)))
 
 
 def check_finite(metrics: dict, finite: np.ndarray, step: int, seeds: list[int], run_dir: Path) -> None:
@@ -885,18 +904,11 @@ def evaluate_checkpoint(path: str, episodes: int, video: str = "", video_steps: 
     """--evaluate: load a saved policy, report returns and normalised score, optionally write a video."""
     ckpt = load_checkpoint(Path(path))
     cfg = ckpt["config"]
-    import gymnasium as gym
-
     env_id, ref_min, ref_max = eval_env_spec(cfg)
-    with quiet_env_creation():
-        env = gym.make(env_id)
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    env.close()
+    obs_dim, act_dim, _, _ = env_spaces(env_id)
     nets = make_networks(cfg, act_dim)
     seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
-    template = jax.vmap(lambda k: init_state(k, cfg, nets, obs_dim, act_dim))(
-        jnp.stack([jax.random.key(s) for s in seeds]))
-    state = restore_state(template, ckpt["state"])
+    state = restore_state(init_states(cfg, nets, seeds, obs_dim, act_dim), ckpt["state"])
     returns = evaluate(to_host(state.actor), nets, env_id, seeds, episodes)
     scores = normalized_score(returns.mean(axis=1), ref_min, ref_max)
     result = {"step": ckpt["step"], **per_seed_columns("return_mean", returns.mean(axis=1)),
@@ -951,10 +963,9 @@ def parse_args(argv: Sequence[str] | None = None):
     """Flags from the Config fields. Returns the explicitly given fields only, so presets can fill the rest."""
     import argparse
 
-    parser = argparse.ArgumentParser(
-        prog="cvl.py", description=__doc__.split("\n\n")[0] + ".",
-        epilog="presets: " + "; ".join(f"{k}: {v or 'the defaults shown above (the paper)'}" for k, v in PRESETS.items()),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    presets = "; ".join(f"{name}: {values or 'the defaults shown above'}" for name, values in PRESETS.items())
+    parser = argparse.ArgumentParser(prog="cvl.py", description=__doc__.split("\n\n")[0],
+                                     epilog=f"presets (explicit flags win): {presets}")
     for f in dataclasses.fields(Config):
         name = "--" + f.name.replace("_", "-")
         kw = dict(help=f.metadata["help"], default=argparse.SUPPRESS)

@@ -324,8 +324,7 @@ def train_chunks(cfg: cvl.Config, raw: dict, chunks: int, n: int, seeds=(0,)):
     data = cvl.make_data(raw)
     nets = cvl.make_networks(cfg, raw["actions"].shape[1])
     mesh = cvl.make_mesh(cfg)
-    state = jax.vmap(lambda k: cvl.init_state(k, cfg, nets, raw["observations"].shape[1], raw["actions"].shape[1]))(
-        jnp.stack([jax.random.key(s) for s in seeds]))
+    state = cvl.init_states(cfg, nets, seeds, raw["observations"].shape[1], raw["actions"].shape[1])
     data = cvl.replicate(data, mesh)
     step = cvl.make_train_fn(cfg, nets, mesh)
     history = []
@@ -362,6 +361,21 @@ def test_actor_raises_its_q_estimate(tmp_path, raw_small, estimator):
     assert q[-1] > q[1] + 0.1 * abs(q[1]), q
 
 
+def test_corrected_density_ratio_rescales_q_by_negatives_per_positive(raw_small):
+    cfg = cvl.make_config("cpu", hidden=(32, 32), batch_size=64, repr_dim=8)
+    nets = cvl.make_networks(cfg, 6)
+    state = cvl.init_state(jax.random.key(0), cfg, nets, 17, 6)
+    batch = cvl.sample_batch(cvl.make_data(raw_small), jax.random.key(1), 64, 0.99)
+    psi = nets.psi.apply(state.critic["psi"], batch.goals)
+    args = (nets, state.critic, batch.observations, batch.actions, psi, batch.goal_rewards)
+    for estimator in ("diag", "marginal"):
+        raw = cvl.q_estimate(*args, dataclasses.replace(cfg, q_estimator=estimator))
+        corrected = cvl.q_estimate(*args, dataclasses.replace(cfg, q_estimator=estimator, density_ratio="corrected"))
+        np.testing.assert_allclose(corrected, 63 * raw, rtol=1e-5)
+    infonce = dataclasses.replace(cfg, critic_loss="infonce", density_ratio="corrected")
+    np.testing.assert_allclose(cvl.q_estimate(*args, infonce), cvl.q_estimate(*args, cfg), rtol=1e-6)
+
+
 def test_tanh_gaussian_log_prob_matches_a_numerical_density():
     mean, std = jnp.array([0.3]), jnp.array([0.5])
     a = jnp.linspace(-0.999, 0.999, 20001)
@@ -396,7 +410,7 @@ def test_k_seed_run_equals_single_runs(tmp_path, dataset):
         # programs are not compared; instead: seed i's K-seed score is exactly a single-seed evaluation of its
         # own weights with seed i's env seeds.
         cfg = small_config(dataset, tmp_path)
-        actor_i = jax.tree.map(lambda x: x[i: i + 1], multi_state["actor"])
+        actor_i = jax.tree.map(lambda x, i=i: x[i: i + 1], multi_state["actor"])
         returns = cvl.evaluate(actor_i, cvl.make_networks(cfg, 6), ENV_ID, [i], cfg.eval_episodes)
         score = cvl.normalized_score(returns.mean(), *cvl.D4RL_ENVS["halfcheetah"][1:])
         assert float(multi[-1][f"score_s{i}"]) == pytest.approx(score, rel=1e-9)
@@ -505,7 +519,7 @@ def test_two_processes_train_the_same_step_and_agree(tmp_path, dataset):
     procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env) for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     assert "DONE 0" in outs[0][0] and "DONE 1" in outs[1][0]
     runs = [p for p in tmp_path.iterdir() if p.is_dir()]
@@ -586,7 +600,7 @@ def test_checkpoint_write_is_atomic(tmp_path, dataset, monkeypatch):
     monkeypatch.setattr(cvl.os, "fsync", crash)  # dies after writing the temp file, before the rename
     cfg = cvl.load_checkpoint(run_dir)["config"]
     nets = cvl.make_networks(cfg, 6)
-    state = jax.vmap(lambda k: cvl.init_state(k, cfg, nets, 17, 6))(jax.random.key(0)[None])
+    state = cvl.init_states(cfg, nets, [0], 17, 6)
     with pytest.raises(OSError):
         cvl.save_checkpoint(run_dir, state, cfg, [])
     assert (run_dir / "checkpoint.msgpack").read_bytes() == before

@@ -48,7 +48,7 @@ def setup(raw, hidden: int, batch: int):
     obs_dim, act_dim = raw["observations"].shape[1], raw["actions"].shape[1]
     nets = cvl.make_networks(cfg, act_dim)
     mesh = cvl.make_mesh(cfg)
-    state = jax.vmap(lambda k: cvl.init_state(k, cfg, nets, obs_dim, act_dim))(jax.random.key(0)[None])
+    state = cvl.init_states(cfg, nets, [0], obs_dim, act_dim)
     return cfg, nets, mesh, state
 
 
