@@ -28,6 +28,7 @@ METHODS = [
     ("CVL, marginal Q (--q-estimator marginal)", "cvl-marginal", ["--q-estimator", "marginal"], 1),
     ("CVL, InfoNCE critic (--critic-loss infonce)", "cvl-infonce", ["--critic-loss", "infonce"], 1),
     ("CVL, no BC term (--bc-coef 0)", "cvl-nobc", ["--bc-coef", "0"], 1),
+    ("CVL, corrected density ratio (--density-ratio corrected)", "cvl-corrected", ["--density-ratio", "corrected"], 3),
 ]
 
 
