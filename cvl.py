@@ -676,6 +676,8 @@ def plot_learning_curve(rows: list[dict], path: Path, title: str) -> None:
             x, y, s = (np.array(v, dtype=float) for v in zip(*pts))
             ax.plot(x, y, marker="o" if key == "score" else None, ms=3)
             ax.fill_between(x, y - s, y + s, alpha=0.25)
+        if key == "actor_loss":  # the untrained critic's huge exp(f) makes early values dwarf the rest
+            ax.set_yscale("symlog", linthresh=1.0)
         ax.set_xlabel("gradient step")
         ax.set_title(label)
         ax.grid(alpha=0.3)
