@@ -69,7 +69,7 @@ def summarise(run: Path) -> dict:
                 curve=(np.array([int(r["step"]) for r in evals]), score, std), run=run)
 
 
-def report(results: dict[str, dict], out: Path, steps_asked: int) -> None:
+def report(results: dict[str, dict], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,7 +96,9 @@ def report(results: dict[str, dict], out: Path, steps_asked: int) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
-    lines += ["", f"Command: `python bench/results.py --steps {steps_asked}` (runs in `results/runs/`, not committed).",
+    lines += ["", "Each row's steps are in the table. `python bench/results.py --steps N [--only FOLDER ...]` runs the "
+              "rows (or extends them to N steps with --resume) and rewrites this file; run folders go to "
+              "`results/runs/` and are not committed.", "",
               f"![normalised score vs step]({out.with_suffix('.png').name})", ""]
     out.write_text("\n".join(lines))
     print("\n".join(lines))
@@ -119,7 +121,7 @@ def main():
         if run is not None:
             results[name] = summarise(run)
     if results:
-        report(results, ROOT / "results" / f"{LABEL}.md", args.steps)
+        report(results, ROOT / "results" / f"{LABEL}.md")
 
 
 if __name__ == "__main__":
