@@ -181,7 +181,7 @@ def download(url: str, path: Path, chunk: int = 1 << 20) -> Path:
     part = path.with_name(path.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    by_hand = f"download it yourself from {url} and place it at {path}"
+    by_hand = f"use a mirror with --d4rl-url, or download it yourself from {url} and place it at {path}"
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             if have and response.status != 206:  # the server ignored Range: start again
