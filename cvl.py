@@ -861,11 +861,11 @@ def train(cfg: Config) -> dict:
             bar.set_postfix(critic=f"{row['critic_loss']:.3f}", actor=f"{row['actor_loss']:.3g}",
                             acc=f"{row['categorical_accuracy']:.2f}", ups=f"{n / dt:.0f}",
                             score="-" if last_score is None else f"{last_score:.1f}")
-            if lead and (step % cfg.checkpoint_every == 0 or step == cfg.steps or stop):
+            if lead and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                 save_checkpoint(run_dir, state, cfg, log.rows)
             if stop:
                 raise KeyboardInterrupt
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a signal between calls, or Ctrl-C inside one: `state` is the last finished step
         bar.close()
         if lead:
             save_checkpoint(run_dir, state, cfg, log.rows)
