@@ -622,3 +622,22 @@ def test_evaluate_a_saved_policy_and_write_a_video(tmp_path, dataset):
     assert frames.std() > 1.0 and np.abs(np.diff(frames, axis=0)).mean() > 0.1  # a moving scene, not blank
     result = cvl.evaluate_checkpoint(final["run_dir"] + "/checkpoint.msgpack", episodes=2)
     assert result["step"] == 50 and np.isfinite(result["score"])
+
+
+def test_video_without_a_gl_backend_is_skipped_with_a_message(capsys, monkeypatch):
+    import gymnasium as gym
+
+    real_make = gym.make
+
+    def make(env_id, **kw):
+        if kw.get("render_mode"):
+            raise RuntimeError("cannot initialize EGL display")
+        return real_make(env_id, **kw)
+
+    monkeypatch.setattr(gym, "make", make)
+    cfg = cvl.make_config("cpu", hidden=(16,), repr_dim=4)
+    nets = cvl.make_networks(cfg, 6)
+    actor = cvl.init_state(jax.random.key(0), cfg, nets, 17, 6).actor
+    assert cvl.record_episode(actor, nets, ENV_ID, seed=0) is None
+    err = capsys.readouterr().err
+    assert "no video" in err and "cannot initialize EGL display" in err and "MUJOCO_GL=egl" in err
