@@ -695,9 +695,9 @@ def to_host_state(state: TrainState) -> TrainState:
 def save_checkpoint(run_dir: Path, state: TrainState, cfg: Config, rows: list[dict]) -> Path:
     """Atomic: write a temp file, fsync, rename. A crash mid-write leaves the previous checkpoint intact."""
     path = run_dir / "checkpoint.msgpack"
-    payload = {"state": flax.serialization.to_state_dict(to_host_state(state)),
-               "step": int(np.max(to_host(state.step))), "config": json.dumps(dataclasses.asdict(cfg)),
-               "rows": json.dumps(rows)}
+    host = to_host_state(state)
+    payload = {"state": flax.serialization.to_state_dict(host), "step": int(np.max(host.step)),
+               "config": json.dumps(dataclasses.asdict(cfg)), "rows": json.dumps(rows)}
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(flax.serialization.msgpack_serialize(payload))
