@@ -71,11 +71,16 @@ class Config:
     gamma: float = _flag(0.99, "Discount: goals are s_{t+k} with P(k) proportional to gamma^(k-1).")
     critic_loss: str = _flag("nce", "nce: binary NCE (sigmoid) on B x B logits; infonce: softmax CE on rows.",
                              choices=("nce", "infonce"))
-    q_estimator: str = _flag("diag", "diag: exp(f(s,a,g_i)) r_i (original code); marginal: mean_j exp(f(s,a,g_j)) r_j.",
-                             choices=("diag", "marginal"))
-    density_ratio: str = _flag("raw", "raw: Q from exp(f) as the original code; corrected: (B-1) exp(f) with the nce "
-                               "critic, whose optimum is exp(f) = p(g|s,a) / ((B-1) p(g)).",
+    q_estimator: str = _flag("normalized", "normalized: sum_j softmax_j(f(s,a,g_j)) r_j over the batch's goals, an "
+                             "estimate of (1 - gamma) Q; diag: exp(f(s,a,g_i)) r_i (original code); marginal: "
+                             "mean_j exp(f(s,a,g_j)) r_j.", choices=("normalized", "diag", "marginal"))
+    density_ratio: str = _flag("raw", "For --q-estimator diag or marginal. raw: Q from exp(f) as the original code; "
+                               "corrected: (B-1) exp(f) with the nce critic, whose optimum is "
+                               "exp(f) = p(g|s,a) / ((B-1) p(g)).",
                                choices=("raw", "corrected"))
+    goal_reward: str = _flag("arrival", "r(g) for goal s_{t+k}: arrival: rewards[t+k-1], the reward of the step into "
+                             "s_{t+k}, for which E[r(g)] / (1 - gamma) is exactly Q(s_t, a_t); goal: rewards[t+k], "
+                             "the reward logged at the goal row (original code).", choices=("arrival", "goal"))
     bc_coef: float = _flag(0.05, "Weight of the behaviour-cloning term; 1.0 is pure behaviour cloning.")
     alpha: float = _flag(0.0, "Entropy coefficient (0: no entropy bonus, as in the paper's offline setting).")
     auto_alpha: bool = _flag(False, "Tune alpha SAC-style towards entropy -|A| instead of a fixed --alpha.")
@@ -140,6 +145,9 @@ def check_config(cfg: Config) -> None:
         raise CVLError(f"--bc-coef must be in [0, 1], got {cfg.bc_coef}")
     if not cfg.hidden or min(cfg.hidden) <= 0:
         raise CVLError(f"--hidden needs one or more positive widths, got {cfg.hidden}")
+    if cfg.density_ratio == "corrected" and cfg.q_estimator == "normalized":
+        raise CVLError("--density-ratio corrected does nothing with --q-estimator normalized, whose softmax already "
+                       "divides out exp(f)'s scale; drop it or pick --q-estimator diag or marginal")
 
 
 # ========================================================================================================== data
@@ -335,7 +343,7 @@ class Batch(NamedTuple):
     observations: jax.Array  # s_t
     actions: jax.Array  # a_t
     goals: jax.Array  # s_{t+k}
-    goal_rewards: jax.Array  # r_{t+k}
+    goal_rewards: jax.Array  # r(g): rewards[t+k] ("goal") or rewards[t+k-1] ("arrival")
 
 
 def sample_future_offset(key: jax.Array, horizon: jax.Array, gamma: float) -> jax.Array:
@@ -348,12 +356,19 @@ def sample_future_offset(key: jax.Array, horizon: jax.Array, gamma: float) -> ja
     return jnp.clip(k.astype(jnp.int32), 1, horizon)
 
 
-def sample_batch(data: Data, key: jax.Array, batch_size: int, gamma: float) -> Batch:
+def goal_reward_at(data: Data, g: jax.Array, kind: str) -> jax.Array:
+    """r(g) for goal rows g. D4RL's rewards[i] pays for the step s_i -> s_{i+1}, so the reward earned on reaching
+    g is rewards[g - 1] ("arrival"): with k >= 1 and P(k) ~ gamma^(k-1), sum_k P(k) rewards[t+k-1] = (1 - gamma) Q.
+    The original code uses rewards[g] ("goal"), which leaves out r_t, the reward the action a_t earns itself."""
+    return data.rewards[g - 1] if kind == "arrival" else data.rewards[g]
+
+
+def sample_batch(data: Data, key: jax.Array, batch_size: int, gamma: float, reward_kind: str = "goal") -> Batch:
     """B transitions uniformly among rows with a future, each with a goal from its own episode's future."""
     k_row, k_offset = jax.random.split(key)
     t = data.anchors[jax.random.randint(k_row, (batch_size,), 0, data.anchors.shape[0])]
     g = t + sample_future_offset(k_offset, data.episode_end[t] - t, gamma)
-    return Batch(data.observations[t], data.actions[t], data.observations[g], data.rewards[g])
+    return Batch(data.observations[t], data.actions[t], data.observations[g], goal_reward_at(data, g, reward_kind))
 
 
 # ===================================================================================================== networks
@@ -431,8 +446,13 @@ def q_estimate(nets: Networks, critic, s, a, psi, goal_rewards, cfg: Config):
     phi = nets.phi.apply(critic["phi"], jnp.concatenate([s, a], axis=-1))
     if cfg.q_estimator == "diag":  # each sample's own goal, as the original code: exp(phi_i . psi_i) r_i
         q = jnp.exp(jnp.sum(phi * psi, axis=-1)) * goal_rewards
-    else:  # every goal in the batch: mean_j exp(phi_i . psi_j) r_j
+    elif cfg.q_estimator == "marginal":  # every goal in the batch: mean_j exp(phi_i . psi_j) r_j
         q = jnp.exp(phi @ psi.T) @ goal_rewards / goal_rewards.shape[0]
+    else:  # self-normalised: sum_j softmax_j(f(s,a,g_j)) r_j. The critic's exp(f) is the density ratio only up to
+        # a factor Z(s, a) that neither NCE nor InfoNCE pins down; dividing by the batch's own estimate of
+        # Z = mean_j exp(f_ij) removes it. The result estimates E_{p(g|s,a)}[r(g)] = (1 - gamma) Q(s, a): the scale
+        # the original code's exp(f) r has for an exact density ratio, so --bc-coef keeps its meaning.
+        return jax.nn.softmax(phi @ psi.T, axis=-1) @ goal_rewards
     # Binary NCE sees B-1 negatives per positive, so its optimal logit is log p(g|s,a)/p(g) - log(B-1): exp(f)
     # is the density ratio divided by B-1. "corrected" undoes that; "raw" keeps the original code's scale.
     if cfg.density_ratio == "corrected" and cfg.critic_loss == "nce":
@@ -488,7 +508,8 @@ def init_states(cfg: Config, nets: Networks, seeds: Sequence[int], obs_dim: int,
 def update_step(state: TrainState, data: Data, cfg: Config, nets: Networks, shard) -> tuple[TrainState, dict]:
     """One gradient step: sample a batch with goals on device, then learn from it."""
     key, k_batch, k_actor = jax.random.split(state.key, 3)
-    batch = jax.tree.map(lambda x: shard(x, "data"), sample_batch(data, k_batch, cfg.batch_size, cfg.gamma))
+    batch = sample_batch(data, k_batch, cfg.batch_size, cfg.gamma, cfg.goal_reward)
+    batch = jax.tree.map(lambda x: shard(x, "data"), batch)
     return learn_from_batch(state.replace(key=key), batch, k_actor, cfg, nets, shard)
 
 
@@ -724,11 +745,16 @@ def load_checkpoint(path: Path) -> dict:
     return payload
 
 
+# Fields added after runs were saved, with the behaviour those runs had, so old runs resume unchanged.
+ADDED_FIELDS = {"goal_reward": "goal"}
+
+
 def config_from_dict(d: dict) -> Config:
     known = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(d) - known)
     if unknown:
         raise CVLError(f"saved config has unknown field(s) {unknown}; it was written by another cvl.py version")
+    d = {**{k: v for k, v in ADDED_FIELDS.items() if k in known}, **d}
     return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 

@@ -259,6 +259,14 @@ def test_missing_corrupt_and_unknown_inputs_fail_clearly(tmp_path, dataset):
         cvl.d4rl_url("halfcheetah-meduim-v2")
     with pytest.raises(cvl.CVLError, match="cannot infer the evaluation env"):
         cvl.eval_env_spec(cvl.Config(dataset=str(tmp_path / "mystery.hdf5")))
+    with pytest.raises(cvl.CVLError, match="does nothing with --q-estimator normalized"):
+        cvl.check_config(cvl.Config(density_ratio="corrected"))
+    cvl.check_config(cvl.Config(density_ratio="corrected", q_estimator="diag"))
+    # a config saved before --goal-reward existed loads with the reward those runs used
+    saved = dataclasses.asdict(cvl.Config(q_estimator="diag"))
+    del saved["goal_reward"]
+    assert cvl.config_from_dict(saved).goal_reward == "goal"
+    assert cvl.config_from_dict(dataclasses.asdict(cvl.Config())).goal_reward == "arrival"
     proc = run_cli("--env", "hopper-medum-v2", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("cvl: error: unknown D4RL env 'hopper-medum-v2'")
@@ -287,6 +295,27 @@ def test_goals_never_cross_an_episode_end(raw_small):
         g = np.array([np.flatnonzero((obs == s).all(1))[0] for s in np.asarray(b.goals)])
         assert (g > t).all() and (g <= np.asarray(data.episode_end)[t]).all()
         assert np.allclose(np.asarray(b.goal_rewards), np.asarray(data.rewards)[g])
+
+
+def test_arrival_goal_reward_makes_the_goal_average_the_discounted_return(raw_small):
+    """With r(g) = rewards[g - 1], E[r(g)] over the truncated geometric goal is the normalised discounted return
+    from t, sum_{j<H} gamma^j r_{t+j} * (1 - gamma) / (1 - gamma^H); rewards[g] is that shifted by one step."""
+    data = cvl.make_data(raw_small)
+    gamma, n = 0.9, 200_000
+    t = int(np.asarray(data.anchors)[3])
+    horizon = int(np.asarray(data.episode_end)[t]) - t
+    rewards = np.asarray(data.rewards, np.float64)
+    disc = gamma ** np.arange(horizon)
+    for kind, first in (("arrival", t), ("goal", t + 1)):
+        exact = np.sum(disc * rewards[first:first + horizon]) * (1 - gamma) / (1 - gamma ** horizon)
+        k = cvl.sample_future_offset(jax.random.key(0), jnp.full((n,), horizon), gamma)
+        sampled = np.asarray(cvl.goal_reward_at(data, t + k, kind), np.float64)
+        se = sampled.std() / np.sqrt(n)
+        assert abs(sampled.mean() - exact) < 5 * se + 1e-6, (kind, sampled.mean(), exact, se)
+    b = cvl.sample_batch(data, jax.random.key(0), 64, 0.99, "arrival")
+    obs = np.asarray(data.observations)
+    g = np.array([np.flatnonzero((obs == s).all(1))[0] for s in np.asarray(b.goals)])
+    np.testing.assert_allclose(np.asarray(b.goal_rewards), rewards[g - 1], rtol=1e-6)
 
 
 @settings(max_examples=60, deadline=None)
@@ -353,7 +382,7 @@ def test_infonce_critic_learns_too(tmp_path):
     assert history[-1]["categorical_accuracy"] > 10 / cfg.batch_size
 
 
-@pytest.mark.parametrize("estimator", ["diag", "marginal"])
+@pytest.mark.parametrize("estimator", ["diag", "marginal", "normalized"])
 def test_actor_raises_its_q_estimate(tmp_path, raw_small, estimator):
     cfg = small_config(tmp_path / "x.hdf5", tmp_path, bc_coef=0.0, q_estimator=estimator)
     _, history = train_chunks(cfg, raw_small, chunks=8, n=100)
@@ -362,7 +391,7 @@ def test_actor_raises_its_q_estimate(tmp_path, raw_small, estimator):
 
 
 def test_corrected_density_ratio_rescales_q_by_negatives_per_positive(raw_small):
-    cfg = cvl.make_config("cpu", hidden=(32, 32), batch_size=64, repr_dim=8)
+    cfg = cvl.make_config("cpu", hidden=(32, 32), batch_size=64, repr_dim=8, q_estimator="diag")
     nets = cvl.make_networks(cfg, 6)
     state = cvl.init_state(jax.random.key(0), cfg, nets, 17, 6)
     batch = cvl.sample_batch(cvl.make_data(raw_small), jax.random.key(1), 64, 0.99)
@@ -374,6 +403,37 @@ def test_corrected_density_ratio_rescales_q_by_negatives_per_positive(raw_small)
         np.testing.assert_allclose(corrected, 63 * raw, rtol=1e-5)
     infonce = dataclasses.replace(cfg, critic_loss="infonce", density_ratio="corrected")
     np.testing.assert_allclose(cvl.q_estimate(*args, infonce), cvl.q_estimate(*args, cfg), rtol=1e-6)
+
+
+def test_normalized_q_is_a_weighted_mean_of_future_rewards(raw_small):
+    """Self-normalised Q = (1 - gamma) Q: a constant reward c gives c whatever the critic, Q always lies within
+    [min r, max r], and adding any function of (s, a) to the logits leaves it unchanged."""
+    cfg = cvl.make_config("cpu", hidden=(32, 32), batch_size=64, repr_dim=8, q_estimator="normalized", gamma=0.95)
+    nets = cvl.make_networks(cfg, 6)
+    batch = cvl.sample_batch(cvl.make_data(raw_small), jax.random.key(1), 64, cfg.gamma)
+    for seed in range(3):
+        critic = cvl.init_state(jax.random.key(seed), cfg, nets, 17, 6).critic
+        critic = jax.tree.map(lambda x: 3.0 * x, critic)  # sharper logits than at init
+        psi = nets.psi.apply(critic["psi"], batch.goals)
+        args = (nets, critic, batch.observations, batch.actions, psi)
+        const = cvl.q_estimate(*args, jnp.full(64, 2.5), cfg)
+        np.testing.assert_allclose(const, 2.5, rtol=1e-5)
+        q = np.asarray(cvl.q_estimate(*args, batch.goal_rewards, cfg))
+        r = np.asarray(batch.goal_rewards)
+        assert (q >= r.min() - 1e-5).all() and (q <= r.max() + 1e-5).all()
+        assert q.std() > 0  # it does depend on (s, a)
+        # a per-(s, a) offset in f, i.e. exp(f) scaled by Z(s, a): raw estimators change by Z, this one does not
+        psi_plus = jnp.concatenate([psi, jnp.ones((64, 1))], axis=1)
+        phi_fn = nets.phi.apply
+
+        def shifted_phi(params, x):
+            out = phi_fn(params, x)
+            return jnp.concatenate([out, jnp.sin(x[:, :1]) * 4.0], axis=1)  # adds 4 sin(s_0) to every f(s, a, .)
+
+        shifted = nets._replace(phi=type("Shifted", (), {"apply": staticmethod(shifted_phi)})())
+        q_shift = cvl.q_estimate(shifted, critic, batch.observations, batch.actions, psi_plus, batch.goal_rewards,
+                                 cfg)
+        np.testing.assert_allclose(q_shift, q, rtol=1e-4)
 
 
 def test_tanh_gaussian_log_prob_matches_a_numerical_density():
