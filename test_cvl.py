@@ -701,3 +701,27 @@ def test_video_without_a_gl_backend_is_skipped_with_a_message(capsys, monkeypatc
     assert cvl.record_episode(actor, nets, ENV_ID, seed=0) is None
     err = capsys.readouterr().err
     assert "no video" in err and "cannot initialize EGL display" in err and "MUJOCO_GL=egl" in err
+
+
+# ------------------------------------------------------------------------------------------------ bench tools
+def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, dataset, raw_small, capsys):
+    sys.path.insert(0, str(HERE / "bench"))
+    import diagnose_critic
+
+    rng = np.random.default_rng(0)
+    rewards, ends = rng.normal(size=50), np.array([9] * 10 + [29] * 20 + [49] * 20)
+    expected = [sum(0.9 ** (j - t) * rewards[j] for j in range(t, ends[t] + 1)) for t in range(50)]
+    np.testing.assert_allclose(diagnose_critic.mc_returns(rewards, ends, 0.9), expected, rtol=1e-10)
+
+    final = cvl.train(small_config(dataset, tmp_path, steps=100, num_seeds=2, eval_every=100))
+    results = diagnose_critic.main([final["run_dir"], "--rows", "128", "--goals", "256", "--min-horizon", "20"])
+    out = capsys.readouterr().out
+    assert [r["seed"] for r in results] == [0, 1] and out.count("corr(Q, MC return)") == 4
+    for r in results:
+        assert r["z_mean"] > 0 and r["grad_ratio"] > 0
+        for name in ("raw", "normalized"):
+            assert all(-1 <= c <= 1 for c in r[name]["corr"]) and 0 <= r[name]["beats_random"] <= 1
+        # the normalised estimate is a weighted mean of the goals' rewards
+        assert raw_small["rewards"].min() <= r["normalized"]["q_mean"] <= raw_small["rewards"].max()
+    with pytest.raises(SystemExit, match="lower --rows, --goals or --min-horizon"):
+        diagnose_critic.main([final["run_dir"], "--rows", "128", "--min-horizon", "500"])

@@ -22,13 +22,20 @@ ROOT = Path(__file__).resolve().parent.parent
 DATASET = ROOT.parent / "shared" / "d4rl" / "halfcheetah_medium-local.hdf5"
 LABEL = "halfcheetah-medium-local"
 # (method, folder, extra cvl.py flags, seeds). Everything else is the cpu preset.
+ORIGINAL_Q = ["--q-estimator", "diag", "--goal-reward", "goal"]  # the original code's Q estimate
 METHODS = [
     ("CVL", "cvl", [], 3),
     ("BC (--bc-coef 1.0)", "bc", ["--bc-coef", "1.0"], 3),
-    ("CVL, marginal Q (--q-estimator marginal)", "cvl-marginal", ["--q-estimator", "marginal"], 1),
-    ("CVL, InfoNCE critic (--critic-loss infonce)", "cvl-infonce", ["--critic-loss", "infonce"], 1),
-    ("CVL, no BC term (--bc-coef 0)", "cvl-nobc", ["--bc-coef", "0"], 1),
-    ("CVL, corrected density ratio (--density-ratio corrected)", "cvl-corrected", ["--density-ratio", "corrected"], 3),
+    ("CVL, original code's Q (--q-estimator diag --goal-reward goal)", "cvl-diag", ORIGINAL_Q, 3),
+    ("CVL, InfoNCE critic (--critic-loss infonce)", "cvl-infonce-normalized", ["--critic-loss", "infonce"], 1),
+    ("CVL, no BC term (--bc-coef 0)", "cvl-nobc-normalized", ["--bc-coef", "0"], 1),
+    ("CVL, original code's Q, marginal (--q-estimator marginal --goal-reward goal)", "cvl-marginal",
+     ["--q-estimator", "marginal", "--goal-reward", "goal"], 1),
+    ("CVL, original code's Q, InfoNCE critic (... --critic-loss infonce)", "cvl-infonce",
+     [*ORIGINAL_Q, "--critic-loss", "infonce"], 1),
+    ("CVL, original code's Q, no BC term (... --bc-coef 0)", "cvl-nobc", [*ORIGINAL_Q, "--bc-coef", "0"], 1),
+    ("CVL, original code's Q, corrected density ratio (... --density-ratio corrected)", "cvl-corrected",
+     [*ORIGINAL_Q, "--density-ratio", "corrected"], 3),
 ]
 
 
