@@ -72,7 +72,7 @@ def summarise(run: Path) -> dict:
     best = int(np.argmax(score))
     cfg = json.loads((run / "config.json").read_text())
     return dict(steps=int(rows[-1]["step"]), seeds=cfg["num_seeds"], final=(score[-1], std[-1]),
-                best=(score[best], std[best]), minutes=float(rows[-1]["wall_time"]) / 60,
+                best=(score[best], std[best]), last10=score[-10:].mean(), minutes=float(rows[-1]["wall_time"]) / 60,
                 curve=(np.array([int(r["step"]) for r in evals]), score, std), run=run)
 
 
@@ -81,26 +81,35 @@ def report(results: dict[str, dict], out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     lines = [f"# Results on {LABEL}", "",
              "Normalised score (D4RL's halfcheetah reference returns) of the deterministic policy, 10 episodes per "
              "evaluation in gymnasium HalfCheetah-v4, mean +- std over seeds (std 0 for one seed). Final: at the "
-             "last step; best: the best evaluation of the seed-mean curve. Dataset's own mean return: 41.9.", "",
-             "| method | steps | seeds | final score | best score | wall-clock (min) |",
-             "|---|---:|---:|---:|---:|---:|"]
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+             "last step; best: the best evaluation of the seed-mean curve; last-10: the mean of the seed-mean curve's "
+             "last 10 evaluations (every 10k steps). Dataset's own mean return: 41.9.", "",
+             "| method | steps | seeds | final score | best score | last-10 mean | wall-clock (min) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    # left: every row; right: the same curves zoomed on the band where CVL and BC differ
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw=dict(width_ratios=(3, 2)))
     for name, r in results.items():
         lines.append(f"| {name} | {r['steps']:,} | {r['seeds']} | {r['final'][0]:.1f} +- {r['final'][1]:.1f} | "
-                     f"{r['best'][0]:.1f} +- {r['best'][1]:.1f} | {r['minutes']:.0f} |")
+                     f"{r['best'][0]:.1f} +- {r['best'][1]:.1f} | {r['last10']:.1f} | {r['minutes']:.0f} |")
         x, y, s = r["curve"]
-        ax.plot(x, y, marker="o", ms=3, label=f"{name} ({r['seeds']} seed{'s' * (r['seeds'] > 1)})")
-        ax.fill_between(x, y - s, y + s, alpha=0.2)
-    ax.axhline(41.9, color="gray", ls="--", lw=1, label="dataset mean (41.9)")
-    ax.set_xlabel("gradient step")
+        for a in (ax, zoom):
+            line, = a.plot(x, y, marker="o", ms=3, label=f"{name} ({r['seeds']} seed{'s' * (r['seeds'] > 1)})")
+            a.fill_between(x, y - s, y + s, alpha=0.2, color=line.get_color())
+    for a in (ax, zoom):
+        a.axhline(41.9, color="gray", ls="--", lw=1, label="dataset mean (41.9)")
+        a.set_xlabel("gradient step")
+        a.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:.0f}k"))
+        a.grid(alpha=0.3)
     ax.set_ylabel("normalised score")
     ax.set_title(f"{LABEL}, cpu preset")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    zoom.set_ylim(41, 46)
+    zoom.set_xlim(left=40_000)
+    zoom.set_title("zoom: score 41 to 46, from step 40k")
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
     lines += ["", "Each row's steps are in the table. `python bench/results.py --steps N [--only FOLDER ...]` runs the "
