@@ -29,6 +29,7 @@ METHODS = [
     ("CVL, original code's Q (--q-estimator diag --goal-reward goal)", "cvl-diag", ORIGINAL_Q, 3),
     ("CVL, InfoNCE critic (--critic-loss infonce)", "cvl-infonce-normalized", ["--critic-loss", "infonce"], 1),
     ("CVL, no BC term (--bc-coef 0)", "cvl-nobc-normalized", ["--bc-coef", "0"], 1),
+    ("CVL, the paper's batch 1024 (--batch-size 1024)", "cvl-batch1024", ["--batch-size", "1024"], 1),
     ("CVL, original code's Q, marginal (--q-estimator marginal --goal-reward goal)", "cvl-marginal",
      ["--q-estimator", "marginal", "--goal-reward", "goal"], 1),
     ("CVL, original code's Q, InfoNCE critic (... --critic-loss infonce)", "cvl-infonce",
