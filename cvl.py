@@ -71,9 +71,9 @@ class Config:
     gamma: float = _flag(0.99, "Discount: goals are s_{t+k} with P(k) proportional to gamma^(k-1).")
     critic_loss: str = _flag("nce", "nce: binary NCE (sigmoid) on B x B logits; infonce: softmax CE on rows.",
                              choices=("nce", "infonce"))
-    q_estimator: str = _flag("normalized", "normalized: sum_j softmax_j(f(s,a,g_j)) r_j over the batch's goals, an "
-                             "estimate of (1 - gamma) Q; diag: exp(f(s,a,g_i)) r_i (original code); marginal: "
-                             "mean_j exp(f(s,a,g_j)) r_j.", choices=("normalized", "diag", "marginal"))
+    q_estimator: str = _flag("normalized", "normalized: sum_j softmax_j(f(s,a,g_j)) r_j over the batch's other rows' "
+                             "goals, an estimate of (1 - gamma) Q; diag: exp(f(s,a,g_i)) r_i, row i's own goal "
+                             "(original code); marginal: mean_j exp(f(s,a,g_j)) r_j over the other rows' goals.", choices=("normalized", "diag", "marginal"))
     density_ratio: str = _flag("raw", "For --q-estimator diag or marginal. raw: Q from exp(f) as the original code; "
                                "corrected: (B-1) exp(f) with the nce critic, whose optimum is "
                                "exp(f) = p(g|s,a) / ((B-1) p(g)).",
@@ -311,30 +311,56 @@ def validate_dataset(raw: dict[str, np.ndarray], where: str, obs_dim: int, act_d
         warnings.warn(f"{where}: {int((excess > 0).sum())} actions exceed the bounds by at most "
                       f"{excess.max():.2g}; clipped", stacklevel=2)
         raw = {**raw, "actions": np.clip(actions, act_low, act_high)}
-    if not (split_episodes(raw) > np.arange(n)).any():
-        raise CVLError(f"{where}: no episode has more than one step, so no transition has a future goal; "
-                       f"check the terminals and timeouts keys")
+    if not len(rows_with_future(*goal_ranges(raw))):
+        raise CVLError(f"{where}: no episode has more than one step or ends by a termination, so no transition "
+                       f"has a future goal; check the terminals and timeouts keys")
     return raw
 
 
 class Data(NamedTuple):
-    """The whole dataset as device arrays; goal sampling indexes into it inside the jitted step."""
+    """The whole dataset as device arrays; goal sampling indexes into it inside the jitted step.
 
-    observations: jax.Array  # [N, obs_dim]
-    actions: jax.Array  # [N, act_dim]
-    rewards: jax.Array  # [N]
-    episode_end: jax.Array  # [N] last row of each row's episode
-    anchors: jax.Array  # [M] rows that have a future (episode_end > t): the only rows drawn
+    Row j holds (s_j, a_j, r_j, s_{j+1}). A goal k steps after row t is the state s_{t+k} = next_observations[j]
+    with j = t + k - 1, and the reward earned on arriving there is rewards[j].
+    """
+
+    observations: jax.Array  # [N, obs_dim] s_j
+    actions: jax.Array  # [N, act_dim] a_j
+    rewards: jax.Array  # [N] r_j, paid for the step s_j -> s_{j+1}
+    next_observations: jax.Array  # [N, obs_dim] s_{j+1}: the file's, else the next row's (see known_end)
+    episode_end: jax.Array  # [N] last row e of each row's episode
+    known_end: jax.Array  # [N] last row of the episode whose next state is known: e, or e - 1 if not stored
+    terminal: jax.Array  # [N] bool: the row's episode ends by a true termination (terminals[e])
+    anchors: jax.Array  # [M] rows that have a future: the only rows drawn
+
+
+def goal_ranges(raw: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: (last row of its episode, last row whose next state is known, episode ends by a termination)."""
+    episode_end = split_episodes(raw)
+    known_end = episode_end if "next_observations" in raw else episode_end - 1  # D4RL files may omit s_{e+1}
+    return episode_end, known_end, raw["terminals"].astype(bool)[episode_end]
+
+
+def rows_with_future(episode_end, known_end, terminal) -> np.ndarray:
+    """A terminated episode's rows always have a future (the absorbing state at least); a cut episode's rows
+    need a known next state."""
+    return np.flatnonzero(terminal | (known_end >= np.arange(len(episode_end))))
 
 
 def make_data(raw: dict[str, np.ndarray]) -> Data:
-    episode_end = split_episodes(raw)
+    episode_end, known_end, terminal = goal_ranges(raw)
+    obs = raw["observations"].astype(np.float32)
+    # s_{j+1}: the file's, else the next row (a placeholder at the episode's last row, never drawn: see known_end)
+    next_obs = raw["next_observations"] if "next_observations" in raw else np.concatenate([obs[1:], obs[-1:]])
     return Data(
-        observations=raw["observations"].astype(np.float32),
+        observations=obs,
         actions=raw["actions"].astype(np.float32),
         rewards=raw["rewards"].astype(np.float32),
+        next_observations=next_obs.astype(np.float32),
         episode_end=episode_end.astype(np.int32),
-        anchors=np.flatnonzero(episode_end > np.arange(len(episode_end))).astype(np.int32),
+        known_end=known_end.astype(np.int32),
+        terminal=terminal,
+        anchors=rows_with_future(episode_end, known_end, terminal).astype(np.int32),
     )
 
 
@@ -342,33 +368,62 @@ def make_data(raw: dict[str, np.ndarray]) -> Data:
 class Batch(NamedTuple):
     observations: jax.Array  # s_t
     actions: jax.Array  # a_t
-    goals: jax.Array  # s_{t+k}
-    goal_rewards: jax.Array  # r(g): rewards[t+k] ("goal") or rewards[t+k-1] ("arrival")
+    goals: jax.Array  # s_{t+k} (any valid state where absorbing)
+    absorbing: jax.Array  # the goal is the absorbing state after a termination
+    goal_rewards: jax.Array  # r(g): rewards[t+k-1] ("arrival") or rewards[t+k] ("goal"); 0 once absorbed
 
 
 def sample_future_offset(key: jax.Array, horizon: jax.Array, gamma: float) -> jax.Array:
     """k in {1..horizon} with P(k) proportional to gamma^(k-1), by inverting the truncated geometric CDF.
 
     CDF(k) = (1 - gamma^k) / (1 - gamma^horizon), so k = ceil(log(1 - u (1 - gamma^horizon)) / log gamma).
+    A huge horizon (gamma^horizon = 0) gives the untruncated geometric.
     """
     u = jax.random.uniform(key, horizon.shape)
     k = jnp.ceil(jnp.log1p(-u * (1.0 - gamma ** horizon.astype(jnp.float32))) / math.log(gamma))
     return jnp.clip(k.astype(jnp.int32), 1, horizon)
 
 
-def goal_reward_at(data: Data, g: jax.Array, kind: str) -> jax.Array:
-    """r(g) for goal rows g. D4RL's rewards[i] pays for the step s_i -> s_{i+1}, so the reward earned on reaching
-    g is rewards[g - 1] ("arrival"): with k >= 1 and P(k) ~ gamma^(k-1), sum_k P(k) rewards[t+k-1] = (1 - gamma) Q.
-    The original code uses rewards[g] ("goal"), which leaves out r_t, the reward the action a_t earns itself."""
-    return data.rewards[g - 1] if kind == "arrival" else data.rewards[g]
+NO_TRUNCATION = 2 ** 30  # a horizon whose gamma^horizon is 0 in float32
 
 
-def sample_batch(data: Data, key: jax.Array, batch_size: int, gamma: float, reward_kind: str = "goal") -> Batch:
+def sample_goals(data: Data, key: jax.Array, t: jax.Array, gamma: float, reward_kind: str):
+    """For rows t, a goal from the discounted future of (s_t, a_t): (goal states, absorbing, goal rewards).
+
+    The future puts mass (1 - gamma) gamma^(k-1) on s_{t+k}.
+    - Episode ended by a true termination at row e: the agent then stays in an absorbing state with reward 0 for
+      ever, so k is the untruncated geometric, and every k past the last state s_{e+1} lands there. The fall
+      itself, s_{e+1} = next_observations[e], is an ordinary goal whose arrival reward is the last reward r_e.
+    - Episode cut by a time limit (or the data's end): what follows is unknown, so the geometric is truncated to
+      the known states and renormalised.
+    Hence E[r(g)] = (1 - gamma) sum_k gamma^k r_{t+k} with zeros after a fall, and the renormalised truncated sum
+    after a timeout, for arrival rewards (see goal_reward_at).
+    """
+    terminal, known_end, end = data.terminal[t], data.known_end[t], data.episode_end[t]
+    k = sample_future_offset(key, jnp.where(terminal, NO_TRUNCATION, known_end - t + 1), gamma)
+    j = t + k - 1  # row whose next state is the goal
+    absorbing = j > known_end  # only reachable when terminal (a terminal row without a stored s_{e+1} too)
+    goals = data.next_observations[jnp.clip(j, 0, known_end)]
+    return goals, absorbing, goal_reward_at(data, j, end, reward_kind)
+
+
+def goal_reward_at(data: Data, j: jax.Array, end: jax.Array, kind: str) -> jax.Array:
+    """r(g) for the goal g = s_{j+1}, reached from row j, in an episode whose last row is `end`.
+
+    D4RL's rewards[j] pays for the step s_j -> s_{j+1}, so the reward earned on reaching g is rewards[j]
+    ("arrival"): with P(k) ~ gamma^(k-1), sum_k P(k) rewards[t+k-1] = (1 - gamma) Q(s_t, a_t). The original code
+    uses the reward logged at the goal row, rewards[j + 1] ("goal"), which leaves out r_t, the reward a_t earns
+    itself. Rows past the episode's end (the absorbing state) earn 0."""
+    row = j if kind == "arrival" else j + 1
+    return jnp.where(row <= end, data.rewards[jnp.minimum(row, end)], 0.0)
+
+
+def sample_batch(data: Data, key: jax.Array, batch_size: int, gamma: float, reward_kind: str) -> Batch:
     """B transitions uniformly among rows with a future, each with a goal from its own episode's future."""
     k_row, k_offset = jax.random.split(key)
     t = data.anchors[jax.random.randint(k_row, (batch_size,), 0, data.anchors.shape[0])]
-    g = t + sample_future_offset(k_offset, data.episode_end[t] - t, gamma)
-    return Batch(data.observations[t], data.actions[t], data.observations[g], goal_reward_at(data, g, reward_kind))
+    goals, absorbing, goal_rewards = sample_goals(data, k_offset, t, gamma, reward_kind)
+    return Batch(data.observations[t], data.actions[t], goals, absorbing, goal_rewards)
 
 
 # ===================================================================================================== networks
@@ -395,10 +450,21 @@ def make_networks(cfg: Config, act_dim: int) -> Networks:
     return Networks(phi=encoder(), psi=encoder(), actor=MLP(cfg.hidden, 2 * act_dim, nn.initializers.lecun_uniform()))
 
 
-def critic_logits(nets: Networks, critic: dict, s, a, g):
+def goal_features(nets: Networks, critic: dict, g, absorbing):
+    """psi(g), with one learned vector for the absorbing state.
+
+    Every episode that ends in a fall ends in the same absorbing state (reward 0 for ever), so it is one point of
+    the goal space, not a function of the last observation: a single vector lets the critic learn
+    p(absorbed | s, a) / p(absorbed), and it cannot be confused with any real state. (The fall itself, s_{e+1},
+    stays an ordinary goal.)
+    """
+    return jnp.where(absorbing[:, None], critic["absorbing"], nets.psi.apply(critic["psi"], g))
+
+
+def critic_logits(nets: Networks, critic: dict, s, a, g, absorbing):
     """f(s_i, a_i, g_j) = phi(s_i, a_i) . psi(g_j) for all pairs: [B, B], plus psi(g) for reuse."""
     phi = nets.phi.apply(critic["phi"], jnp.concatenate([s, a], axis=-1))
-    psi = nets.psi.apply(critic["psi"], g)
+    psi = goal_features(nets, critic, g, absorbing)
     return phi @ psi.T, psi
 
 
@@ -422,7 +488,7 @@ def eval_action(nets: Networks, actor, s):
 # ======================================================================================================= losses
 def critic_loss(critic, nets: Networks, batch: Batch, kind: str, shard):
     """Contrastive loss on the B x B logits: diagonal pairs are positives, all others negatives."""
-    logits, psi = critic_logits(nets, critic, batch.observations, batch.actions, batch.goals)
+    logits, psi = critic_logits(nets, critic, batch.observations, batch.actions, batch.goals, batch.absorbing)
     logits = shard(logits, "data", None)  # each device holds its (B/n) x B block: all B-1 negatives per sample
     labels = jnp.eye(logits.shape[0], dtype=logits.dtype)
     if kind == "nce":
@@ -441,18 +507,39 @@ def critic_loss(critic, nets: Networks, batch: Batch, kind: str, shard):
     return loss, (metrics, psi)
 
 
+# Q estimators. Each maps the logits f[i, j] = f(s_i, a_i, g_j) of B state-actions against the batch's B goals, and
+# the goals' rewards r_j, to an estimate of Q(s_i, a_i). Goal g_i was drawn from p(g | s_i, a_i), not from p(g):
+# the estimators that average over the batch's goals as samples of p(g) leave it out of row i's average.
+def off_diagonal(f):
+    """f with its diagonal at -inf: exp(f) there is 0, so row i sums over the other rows' goals only."""
+    return jnp.where(jnp.eye(f.shape[0], f.shape[1], dtype=bool), -jnp.inf, f)
+
+
+def q_normalized(f, r):
+    """Self-normalised: sum_{j != i} softmax_j(f_ij) r_j. exp(f) is the density ratio only up to a factor Z(s, a)
+    that neither NCE nor InfoNCE pins down; dividing by the batch's estimate of Z = mean_j exp(f_ij) removes it. The
+    result estimates E_{p(g|s,a)}[r(g)] = (1 - gamma) Q(s, a), the scale the original code's exp(f) r has for an
+    exact density ratio, so --bc-coef keeps its meaning."""
+    return jax.nn.softmax(off_diagonal(f), axis=-1) @ r
+
+
+def q_marginal(f, r):
+    """The density-ratio identity at face value: mean_{j != i} exp(f_ij) r_j."""
+    return jnp.exp(off_diagonal(f)) @ r / (f.shape[1] - 1)
+
+
+def q_diag(f, r):
+    """The original code: each row's own goal only, exp(f_ii) r_i."""
+    return jnp.exp(jnp.diagonal(f)) * r
+
+
+Q_ESTIMATORS = {"normalized": q_normalized, "marginal": q_marginal, "diag": q_diag}
+
+
 def q_estimate(nets: Networks, critic, s, a, psi, goal_rewards, cfg: Config):
     """Q(s, a) without TD: exp(f) estimates p(g | s, a) / p(g), so it re-weights the rewards of future states."""
     phi = nets.phi.apply(critic["phi"], jnp.concatenate([s, a], axis=-1))
-    if cfg.q_estimator == "diag":  # each sample's own goal, as the original code: exp(phi_i . psi_i) r_i
-        q = jnp.exp(jnp.sum(phi * psi, axis=-1)) * goal_rewards
-    elif cfg.q_estimator == "marginal":  # every goal in the batch: mean_j exp(phi_i . psi_j) r_j
-        q = jnp.exp(phi @ psi.T) @ goal_rewards / goal_rewards.shape[0]
-    else:  # self-normalised: sum_j softmax_j(f(s,a,g_j)) r_j. The critic's exp(f) is the density ratio only up to
-        # a factor Z(s, a) that neither NCE nor InfoNCE pins down; dividing by the batch's own estimate of
-        # Z = mean_j exp(f_ij) removes it. The result estimates E_{p(g|s,a)}[r(g)] = (1 - gamma) Q(s, a): the scale
-        # the original code's exp(f) r has for an exact density ratio, so --bc-coef keeps its meaning.
-        return jax.nn.softmax(phi @ psi.T, axis=-1) @ goal_rewards
+    q = Q_ESTIMATORS[cfg.q_estimator](phi @ psi.T, goal_rewards)
     # Binary NCE sees B-1 negatives per positive, so its optimal logit is log p(g|s,a)/p(g) - log(B-1): exp(f)
     # is the density ratio divided by B-1. "corrected" undoes that; "raw" keeps the original code's scale.
     if cfg.density_ratio == "corrected" and cfg.critic_loss == "nce":
@@ -491,7 +578,7 @@ def make_optimizer(cfg: Config):
 def init_state(key: jax.Array, cfg: Config, nets: Networks, obs_dim: int, act_dim: int) -> TrainState:
     k_phi, k_psi, k_actor, key = jax.random.split(key, 4)
     critic = {"phi": nets.phi.init(k_phi, jnp.zeros((1, obs_dim + act_dim))),
-              "psi": nets.psi.init(k_psi, jnp.zeros((1, obs_dim)))}
+              "psi": nets.psi.init(k_psi, jnp.zeros((1, obs_dim))), "absorbing": jnp.zeros(cfg.repr_dim)}
     actor = nets.actor.init(k_actor, jnp.zeros((1, obs_dim)))
     log_alpha = jnp.asarray(math.log(cfg.alpha) if cfg.alpha > 0 else 0.0, jnp.float32)
     opt = make_optimizer(cfg)
@@ -760,6 +847,9 @@ def config_from_dict(d: dict) -> Config:
 
 def restore_state(template: TrainState, state_dict: dict) -> TrainState:
     state_dict = dict(state_dict)
+    if "absorbing" not in state_dict["critic"]:
+        raise CVLError("this checkpoint was written by a cvl.py without absorbing states (it modelled every "
+                       "episode end as a time limit); evaluate it with that version, or start a new run")
     state_dict["key"] = jax.random.wrap_key_data(np.asarray(state_dict["key"]))
     state = flax.serialization.from_state_dict(template.replace(key=state_dict["key"]), state_dict)
     return jax.tree.map(jnp.asarray, state)

@@ -120,8 +120,10 @@ def test_loader_reads_hdf5_and_npz_into_episodes(tmp_path, raw_small, dataset):
     data = cvl.make_data(raw)
     ends = np.asarray(data.episode_end)
     assert len(np.unique(ends)) == 12 and set(np.diff(np.unique(ends))) == {60}
-    assert len(data.anchors) == 720 - 12  # the last step of each episode has no future
-    assert (ends[np.asarray(data.anchors)] > np.asarray(data.anchors)).all()
+    assert len(data.anchors) == 720  # every step's next state is stored: even the last step has a future
+    no_next = cvl.make_data({k: v for k, v in raw.items() if k != 'next_observations'})
+    assert len(no_next.anchors) == 720 - 12  # without it the last step of each episode has none
+    assert (ends[np.asarray(data.anchors)] >= np.asarray(data.anchors)).all()
 
 
 def test_d4rl_names_urls_and_cache(monkeypatch, tmp_path):
@@ -228,7 +230,8 @@ def test_d4rl_name_downloads_through_mirror_into_d4rl_cache(http_server, tmp_pat
     (lambda r: r.__setitem__("observations", r["observations"][:, :11]), "key 'observations' has shape (720, 11)"),
     (lambda r: r["observations"].__setitem__((123, 4), np.nan), "key 'observations' row 123 is NaN"),
     (lambda r: r["actions"].__setitem__((77, 2), 1.5), "key 'actions' row 77 is outside"),
-    (lambda r: r.__setitem__("terminals", np.ones(720, bool)), "no episode has more than one step"),
+    (lambda r: (r.pop("next_observations"), r.__setitem__("timeouts", np.ones(720, bool))),
+     "no episode has more than one step"),
 ])
 def test_bad_datasets_give_one_clear_line(tmp_path, raw_small, mutate, expected):
     raw = {k: v.copy() for k, v in raw_small.items()}
@@ -286,36 +289,112 @@ def test_future_offset_follows_truncated_geometric():
         assert chi2 < 3 * (horizon - 1) + 20, (horizon, chi2)
 
 
+def row_of(obs: np.ndarray, states: np.ndarray) -> np.ndarray:
+    """Index of each state among the rows of obs (states are unique in the rollouts)."""
+    return np.array([np.flatnonzero((obs == s).all(1))[0] for s in states])
+
+
 def test_goals_never_cross_an_episode_end(raw_small):
     data = cvl.make_data(raw_small)
-    obs = np.asarray(data.observations)
+    obs, next_obs = np.asarray(data.observations), np.asarray(data.next_observations)
     for i in range(5):
-        b = cvl.sample_batch(data, jax.random.key(i), 512, 0.99)
-        t = np.array([np.flatnonzero((obs == s).all(1))[0] for s in np.asarray(b.observations)])
-        g = np.array([np.flatnonzero((obs == s).all(1))[0] for s in np.asarray(b.goals)])
-        assert (g > t).all() and (g <= np.asarray(data.episode_end)[t]).all()
-        assert np.allclose(np.asarray(b.goal_rewards), np.asarray(data.rewards)[g])
+        b = cvl.sample_batch(data, jax.random.key(i), 512, 0.99, "arrival")
+        t, j = row_of(obs, np.asarray(b.observations)), row_of(next_obs, np.asarray(b.goals))
+        assert (j >= t).all() and (j <= np.asarray(data.episode_end)[t]).all()  # goal s_{j+1}, j in [t, e]
+        assert not np.asarray(b.absorbing).any()  # the fixture's episodes end by time limits only
+        assert np.allclose(np.asarray(b.goal_rewards), np.asarray(data.rewards)[j])
+
+
+def discounted_future_rewards(rewards, t, end, terminal, gamma, known_end=None) -> float:
+    """E[r(g)] under the discounted future of row t, by a plain loop over the episode's steps.
+
+    After a termination the agent earns 0 for ever, so the weights (1 - gamma) gamma^k need no renormalising;
+    after a time limit only the known steps t..known_end count, renormalised to sum to 1."""
+    known_end = end if known_end is None else known_end
+    last = end if terminal else known_end
+    total, weight = 0.0, 0.0
+    for k, row in enumerate(range(t, last + 1)):
+        total += (1 - gamma) * gamma ** k * rewards[row]
+        weight += (1 - gamma) * gamma ** k
+    return total if terminal else total / weight
+
+
+def hand_made_episodes():
+    """Three 6-step episodes with known rewards: a fall, a time limit, a fall; next_observations stored."""
+    n = 18
+    obs = np.arange(n, dtype=np.float32)[:, None].repeat(2, axis=1)
+    rewards = np.linspace(1.0, 3.0, n).astype(np.float32) ** 2
+    terminals, timeouts = np.zeros(n, bool), np.zeros(n, bool)
+    terminals[[5, 17]], timeouts[11] = True, True
+    next_obs = obs + 1.0
+    next_obs[[5, 11, 17]] -= 0.5  # s_{e+1} after an episode's last row: not the next episode's first state
+    return dict(observations=obs, next_observations=next_obs, actions=np.zeros((n, 1), np.float32),
+                rewards=rewards, terminals=terminals, timeouts=timeouts)
+
+
+@pytest.mark.parametrize("stored_next", [True, False])
+def test_goal_reward_averages_the_discounted_return_with_zeros_after_a_fall(stored_next):
+    """E[r(g)] = (1 - gamma) sum_k gamma^k r_{t+k} with 0 after a fall (the fall's own reward r_e counts), and the
+    renormalised truncated sum after a timeout; so a fall and a timeout at the same row now differ."""
+    raw = hand_made_episodes()
+    if not stored_next:
+        del raw["next_observations"]
+    data = cvl.make_data(raw)
+    gamma, n = 0.7, 400_000
+    rewards = raw["rewards"].astype(np.float64)
+    for t in (0, 3, 5, 6, 10, 12, 17):
+        terminal, end = bool(raw["terminals"][(t // 6) * 6 + 5]), (t // 6) * 6 + 5
+        known_end = end if stored_next else end - 1
+        if not terminal and t > known_end:
+            assert t not in np.asarray(data.anchors)  # no known future: never drawn
+            continue
+        exact = discounted_future_rewards(rewards, t, end, terminal, gamma, known_end)
+        goals, absorbing, r = cvl.sample_goals(data, jax.random.key(t), jnp.full((n,), t), gamma, "arrival")
+        r, absorbing = np.asarray(r, np.float64), np.asarray(absorbing)
+        assert abs(r.mean() - exact) < 5 * r.std() / np.sqrt(n) + 1e-6, (t, r.mean(), exact)
+        # absorbed exactly when the goal lies past the last known state, with probability gamma^(steps known)
+        p_absorbed = gamma ** (known_end - t + 1) if terminal else 0.0
+        assert abs(absorbing.mean() - p_absorbed) < 5 * np.sqrt(p_absorbed * (1 - p_absorbed) / n) + 1e-9
+        assert (r[absorbing] == 0).all() or (not stored_next and (r[absorbing] == rewards[end]).any())
+        real = np.asarray(goals)[~absorbing][:, 0]
+        assert (real > t).all() and (real <= end + 1).all()  # goal states s_{t+1} .. s_{e+1} of the episode
+    # the same rows ended by a timeout instead of a fall: the future is renormalised, not zero-padded
+    cut = {**raw, "terminals": np.zeros(18, bool), "timeouts": raw["terminals"] | raw["timeouts"]}
+    data_cut = cvl.make_data(cut)
+    for t in (3, 15):
+        r_fall = np.asarray(cvl.sample_goals(data, jax.random.key(1), jnp.full((n,), t), gamma, "arrival")[2])
+        r_cut = np.asarray(cvl.sample_goals(data_cut, jax.random.key(1), jnp.full((n,), t), gamma, "arrival")[2])
+        assert r_cut.mean() > r_fall.mean() + 0.05 * rewards.max(), (t, r_cut.mean(), r_fall.mean())
+
+
+def test_a_one_step_episode_that_falls_still_has_a_future():
+    raw = hand_made_episodes()
+    raw["terminals"][0], raw["timeouts"][:] = True, False  # row 0 is an episode of its own, ended by a fall
+    data = cvl.make_data(raw)
+    assert 0 in np.asarray(data.anchors)
+    cvl.validate_dataset({**raw, "terminals": np.ones(18, bool)}, "f", 2, 1)  # every episode one step: still fine
+    goals, absorbing, r = cvl.sample_goals(data, jax.random.key(0), jnp.zeros(1000, jnp.int32), 0.9, "arrival")
+    r, absorbing = np.asarray(r), np.asarray(absorbing)
+    assert np.allclose(r[~absorbing], raw["rewards"][0]) and (r[absorbing] == 0).all()
+    assert abs(absorbing.mean() - 0.9) < 0.05
 
 
 def test_arrival_goal_reward_makes_the_goal_average_the_discounted_return(raw_small):
-    """With r(g) = rewards[g - 1], E[r(g)] over the truncated geometric goal is the normalised discounted return
-    from t, sum_{j<H} gamma^j r_{t+j} * (1 - gamma) / (1 - gamma^H); rewards[g] is that shifted by one step."""
+    """With r(g) = rewards[j] for g = s_{j+1}, E[r(g)] is the normalised discounted return from t; the original
+    code's rewards[j + 1] is that shifted by one step."""
     data = cvl.make_data(raw_small)
     gamma, n = 0.9, 200_000
     t = int(np.asarray(data.anchors)[3])
-    horizon = int(np.asarray(data.episode_end)[t]) - t
+    end = int(np.asarray(data.episode_end)[t])
+    horizon = end - t  # the fixture stores next_observations, so the goals are s_{t+1} .. s_{end+1}
     rewards = np.asarray(data.rewards, np.float64)
-    disc = gamma ** np.arange(horizon)
     for kind, first in (("arrival", t), ("goal", t + 1)):
-        exact = np.sum(disc * rewards[first:first + horizon]) * (1 - gamma) / (1 - gamma ** horizon)
-        k = cvl.sample_future_offset(jax.random.key(0), jnp.full((n,), horizon), gamma)
-        sampled = np.asarray(cvl.goal_reward_at(data, t + k, kind), np.float64)
+        padded = np.concatenate([rewards[first:end + 1], [0.0] * (first - t)])  # "goal" has no reward past end
+        disc = gamma ** np.arange(horizon + 1)
+        exact = np.sum(disc * padded) * (1 - gamma) / (1 - gamma ** (horizon + 1))
+        sampled = np.asarray(cvl.sample_goals(data, jax.random.key(0), jnp.full((n,), t), gamma, kind)[2], np.float64)
         se = sampled.std() / np.sqrt(n)
         assert abs(sampled.mean() - exact) < 5 * se + 1e-6, (kind, sampled.mean(), exact, se)
-    b = cvl.sample_batch(data, jax.random.key(0), 64, 0.99, "arrival")
-    obs = np.asarray(data.observations)
-    g = np.array([np.flatnonzero((obs == s).all(1))[0] for s in np.asarray(b.goals)])
-    np.testing.assert_allclose(np.asarray(b.goal_rewards), rewards[g - 1], rtol=1e-6)
 
 
 @settings(max_examples=60, deadline=None)
@@ -334,17 +413,27 @@ def test_property_splitting_and_sampling_on_random_layouts(lengths, draw):
         if how == "break":
             next_obs[e] = -1.0
     raw = dict(observations=obs, next_observations=next_obs, actions=np.zeros((n, 1), np.float32),
-               rewards=obs[:, 0].copy(), terminals=terminals, timeouts=timeouts)
+               rewards=obs[:, 0].copy(), terminals=terminals, timeouts=timeouts)  # r_j = j: names the goal's row
     expected_end = np.repeat(ends, lengths)
     assert cvl.split_episodes(raw).tolist() == expected_end.tolist()
-    if not (expected_end > np.arange(n)).any():
+    stored_next = draw.draw(st.booleans())
+    if not stored_next:
+        del raw["next_observations"]
+    fell = terminals[expected_end]
+    has_future = fell | (expected_end > np.arange(n)) | stored_next
+    if not has_future.any():
         with pytest.raises(cvl.CVLError, match="no episode has more than one step"):
             cvl.validate_dataset(raw, "f", 3, 1)
         return
     data = cvl.make_data(raw)
-    b = cvl.sample_batch(data, jax.random.key(n), 256, 0.9)
-    t, g = np.asarray(b.observations)[:, 0].astype(int), np.asarray(b.goals)[:, 0].astype(int)
-    assert (g > t).all() and (g <= expected_end[t]).all()
+    assert np.asarray(data.anchors).tolist() == np.flatnonzero(has_future).tolist()
+    b = cvl.sample_batch(data, jax.random.key(n), 256, 0.9, "arrival")
+    t, j = np.asarray(b.observations)[:, 0].astype(int), np.asarray(b.goal_rewards).astype(int)
+    absorbing = np.asarray(b.absorbing)
+    assert (fell[t] | ~absorbing).all()  # only an episode that fell ends in the absorbing state
+    real = ~absorbing | (~stored_next & (j == expected_end[t]))  # the fall's own reward, s_{e+1} not stored
+    assert (j[real] >= t[real]).all() and (j[real] <= expected_end[t][real]).all()
+    assert (j[~real] == 0).all()
 
 
 # -------------------------------------------------------------------------------------- learning behaviour
@@ -394,7 +483,7 @@ def test_corrected_density_ratio_rescales_q_by_negatives_per_positive(raw_small)
     cfg = cvl.make_config("cpu", hidden=(32, 32), batch_size=64, repr_dim=8, q_estimator="diag")
     nets = cvl.make_networks(cfg, 6)
     state = cvl.init_state(jax.random.key(0), cfg, nets, 17, 6)
-    batch = cvl.sample_batch(cvl.make_data(raw_small), jax.random.key(1), 64, 0.99)
+    batch = cvl.sample_batch(cvl.make_data(raw_small), jax.random.key(1), 64, 0.99, "arrival")
     psi = nets.psi.apply(state.critic["psi"], batch.goals)
     args = (nets, state.critic, batch.observations, batch.actions, psi, batch.goal_rewards)
     for estimator in ("diag", "marginal"):
@@ -410,7 +499,7 @@ def test_normalized_q_is_a_weighted_mean_of_future_rewards(raw_small):
     [min r, max r], and adding any function of (s, a) to the logits leaves it unchanged."""
     cfg = cvl.make_config("cpu", hidden=(32, 32), batch_size=64, repr_dim=8, q_estimator="normalized", gamma=0.95)
     nets = cvl.make_networks(cfg, 6)
-    batch = cvl.sample_batch(cvl.make_data(raw_small), jax.random.key(1), 64, cfg.gamma)
+    batch = cvl.sample_batch(cvl.make_data(raw_small), jax.random.key(1), 64, cfg.gamma, "arrival")
     for seed in range(3):
         critic = cvl.init_state(jax.random.key(seed), cfg, nets, 17, 6).critic
         critic = jax.tree.map(lambda x: 3.0 * x, critic)  # sharper logits than at init
@@ -434,6 +523,30 @@ def test_normalized_q_is_a_weighted_mean_of_future_rewards(raw_small):
         q_shift = cvl.q_estimate(shifted, critic, batch.observations, batch.actions, psi_plus, batch.goal_rewards,
                                  cfg)
         np.testing.assert_allclose(q_shift, q, rtol=1e-4)
+
+
+def test_batch_estimators_leave_out_each_rows_own_goal():
+    """Row i's own goal g_i comes from p(g | s_i, a_i), not p(g): the batch averages use only j != i. Checked against
+    a plain loop, and by moving f_ii and r_i, which must change nothing but diag's estimate."""
+    rng = np.random.default_rng(0)
+    b = 7
+    f, r = rng.normal(size=(b, b)), rng.normal(size=b)
+    for i in range(b):
+        others = [j for j in range(b) if j != i]
+        w = np.exp(f[i, others])
+        q_norm = float(cvl.q_normalized(jnp.asarray(f), jnp.asarray(r))[i])
+        q_marg = float(cvl.q_marginal(jnp.asarray(f), jnp.asarray(r))[i])
+        np.testing.assert_allclose(q_norm, np.sum(w * r[others]) / np.sum(w), rtol=1e-5)
+        np.testing.assert_allclose(q_marg, np.sum(w * r[others]) / (b - 1), rtol=1e-5)
+    f2, r2 = f.copy(), r.copy()
+    np.fill_diagonal(f2, 50.0)
+    for name in ("normalized", "marginal"):
+        est = cvl.Q_ESTIMATORS[name]
+        np.testing.assert_allclose(est(jnp.asarray(f2), jnp.asarray(r)), est(jnp.asarray(f), jnp.asarray(r)), rtol=1e-5)
+    r2[3] += 10.0  # only the other rows see r_3
+    q, q2 = (np.asarray(cvl.q_normalized(jnp.asarray(f), jnp.asarray(x))) for x in (r, r2))
+    assert q2[3] == pytest.approx(q[3]) and (q2[np.arange(b) != 3] > q[np.arange(b) != 3]).all()
+    np.testing.assert_allclose(cvl.q_diag(jnp.asarray(f), jnp.asarray(r)), np.exp(np.diag(f)) * r, rtol=1e-5)
 
 
 def test_tanh_gaussian_log_prob_matches_a_numerical_density():
