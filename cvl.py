@@ -81,7 +81,14 @@ class Config:
     goal_reward: str = _flag("arrival", "r(g) for goal s_{t+k}: arrival: rewards[t+k-1], the reward of the step into "
                              "s_{t+k}, for which E[r(g)] / (1 - gamma) is exactly Q(s_t, a_t); goal: rewards[t+k], "
                              "the reward logged at the goal row (original code).", choices=("arrival", "goal"))
-    bc_coef: float = _flag(0.05, "Weight of the behaviour-cloning term; 1.0 is pure behaviour cloning.")
+    actor_objective: str = _flag("q", "q: maximise the Q estimate at the policy's reparameterised actions plus a BC "
+                                 "term (the paper); awr: advantage-weighted regression on the dataset's actions "
+                                 "(one-step offline RL), weights exp(awr_beta * A / std(A)).", choices=("q", "awr"))
+    bc_coef: float = _flag(0.05, "With --actor-objective q: weight of the behaviour-cloning term; 1.0 is pure "
+                           "behaviour cloning.")
+    awr_beta: float = _flag(1.0, "With --actor-objective awr: inverse temperature on the batch-standardised "
+                            "advantage (0: behaviour cloning).")
+    awr_max_weight: float = _flag(100.0, "With --actor-objective awr: clip the weights exp(beta A) at this value.")
     alpha: float = _flag(0.0, "Entropy coefficient (0: no entropy bonus, as in the paper's offline setting).")
     auto_alpha: bool = _flag(False, "Tune alpha SAC-style towards entropy -|A| instead of a fixed --alpha.")
     actor_min_std: float = _flag(1e-6, "Minimum std of the actor's Gaussian before tanh.")
@@ -143,6 +150,9 @@ def check_config(cfg: Config) -> None:
         raise CVLError(f"--gamma must be in (0, 1), got {cfg.gamma}")
     if not 0.0 <= cfg.bc_coef <= 1.0:
         raise CVLError(f"--bc-coef must be in [0, 1], got {cfg.bc_coef}")
+    if cfg.awr_beta < 0 or cfg.awr_max_weight <= 0:
+        raise CVLError(f"--awr-beta must be >= 0 and --awr-max-weight > 0, got {cfg.awr_beta} and "
+                       f"{cfg.awr_max_weight}")
     if not cfg.hidden or min(cfg.hidden) <= 0:
         raise CVLError(f"--hidden needs one or more positive widths, got {cfg.hidden}")
     if cfg.density_ratio == "corrected" and cfg.q_estimator == "normalized":
@@ -547,16 +557,44 @@ def q_estimate(nets: Networks, critic, s, a, psi, goal_rewards, cfg: Config):
     return q
 
 
-def actor_loss(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):
-    """bc_coef * (-log pi(a_data|s)) + (1 - bc_coef) * (alpha log pi(a~|s) - Q(s, a~)), a~ reparameterised."""
+# Actor objectives. Each maps (actor params, frozen critic, the batch's goal features psi) to (loss, metrics).
+def bc_nll(mean, std, actions):
+    """-log pi(a | s) of dataset actions under the tanh-Gaussian (clipped off the tanh's asymptotes)."""
+    return -tanh_gaussian_log_prob(mean, std, jnp.arctanh(jnp.clip(actions, -1 + 1e-6, 1 - 1e-6)))
+
+
+def actor_loss_q(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):
+    """The paper: bc_coef * (-log pi(a_data|s)) + (1 - bc_coef) * (alpha log pi(a~|s) - Q(s, a~)), a~ ~ pi
+    reparameterised, so the policy follows the critic's gradient in the action."""
     mean, std = actor_dist(nets, actor, batch.observations, cfg.actor_min_std)
     u = mean + std * jax.random.normal(key, mean.shape)
     log_prob = tanh_gaussian_log_prob(mean, std, u)
     q = q_estimate(nets, critic, batch.observations, jnp.tanh(u), psi, batch.goal_rewards, cfg)
-    data_u = jnp.arctanh(jnp.clip(batch.actions, -1 + 1e-6, 1 - 1e-6))
-    bc = -tanh_gaussian_log_prob(mean, std, data_u)
+    bc = bc_nll(mean, std, batch.actions)
     loss = jnp.mean(cfg.bc_coef * bc + (1 - cfg.bc_coef) * (alpha * log_prob - q))
     return loss, dict(actor_loss=loss, q_mean=q.mean(), bc_nll=bc.mean(), entropy=-log_prob.mean())
+
+
+def actor_loss_awr(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):
+    """Advantage-weighted regression (one-step offline RL): -mean_i w_i log pi(a_i | s_i) on the dataset's actions,
+    w = min(exp(beta A / std(A)), max_weight), A(s, a) = Q(s, a_data) - mean of Q(s, a~) over a few a~ ~ pi.
+    The critic is asked about dataset actions, where it was trained, and never differentiated in the action; the
+    batch's std of A makes beta free of the reward scale, so one beta serves every dataset."""
+    mean, std = actor_dist(nets, actor, batch.observations, cfg.actor_min_std)
+    u = mean + std * jax.random.normal(key, mean.shape)
+    log_prob = tanh_gaussian_log_prob(mean, std, u)
+    samples = jax.lax.stop_gradient(mean + std * jax.random.normal(jax.random.fold_in(key, 1), (4, *mean.shape)))
+    q_of = partial(q_estimate, nets, critic, batch.observations, psi=psi, goal_rewards=batch.goal_rewards, cfg=cfg)
+    q_data = q_of(a=batch.actions)
+    adv = q_data - jax.vmap(lambda x: q_of(a=jnp.tanh(x)))(samples).mean(axis=0)
+    w = jax.lax.stop_gradient(jnp.minimum(jnp.exp(cfg.awr_beta * adv / (adv.std() + 1e-8)), cfg.awr_max_weight))
+    bc = bc_nll(mean, std, batch.actions)
+    loss = jnp.mean(w * bc + alpha * log_prob)
+    return loss, dict(actor_loss=loss, q_mean=q_data.mean(), bc_nll=bc.mean(), entropy=-log_prob.mean(),
+                      awr_weight_max=w.max(), awr_adv_std=adv.std())
+
+
+ACTOR_OBJECTIVES = {"q": actor_loss_q, "awr": actor_loss_awr}
 
 
 # ======================================================================================================= update
@@ -608,7 +646,7 @@ def learn_from_batch(state: TrainState, batch: Batch, k_actor, cfg: Config, nets
         state.critic, nets, batch, cfg.critic_loss, shard)
     # The actor reuses the critic's goal representations psi(g); neither psi nor the critic moves with the actor.
     alpha = jnp.exp(state.log_alpha) if cfg.auto_alpha else cfg.alpha
-    (_, actor_metrics), actor_grads = jax.value_and_grad(actor_loss, has_aux=True)(
+    (_, actor_metrics), actor_grads = jax.value_and_grad(ACTOR_OBJECTIVES[cfg.actor_objective], has_aux=True)(
         state.actor, jax.lax.stop_gradient(state.critic), jax.lax.stop_gradient(psi), nets, batch, k_actor, alpha,
         cfg)
     metrics.update(actor_metrics)
@@ -703,12 +741,13 @@ def eval_reset_seeds(seeds: Sequence[int], episodes: int) -> list[int]:
     return [10_007 * s + j for s in seeds for j in range(episodes)]
 
 
-def evaluate(actor_params, nets: Networks, env_id: str, seeds: Sequence[int], episodes: int) -> np.ndarray:
-    """Returns [K, episodes] of deterministic-policy returns, all K x episodes run as one vectorised env."""
+def evaluate(policy, actor_params, env_id: str, seeds: Sequence[int], episodes: int) -> np.ndarray:
+    """Returns [K, episodes] of returns of policy(params, obs) -> action, params stacked over K seeds; all
+    K x episodes run as one vectorised env. CVL's policy is partial(eval_action, nets)."""
     import gymnasium as gym
 
     k = len(seeds)
-    policy = jax.jit(jax.vmap(partial(eval_action, nets)))  # vmap over seeds: params [K, ...], obs [K, E, obs]
+    policy = jax.jit(jax.vmap(policy))  # vmap over seeds: params [K, ...], obs [K, E, obs]
     with quiet_env_creation():
         envs = gym.make_vec(env_id, num_envs=k * episodes, vectorization_mode="sync")
     try:
@@ -829,6 +868,9 @@ def load_checkpoint(path: Path) -> dict:
         raise
     except Exception as e:
         raise CVLError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is damaged") from None
+    if "absorbing" not in payload["state"]["critic"]:
+        raise CVLError(f"checkpoint {path} was written by a cvl.py without absorbing states (it modelled every "
+                       f"episode end as a time limit); evaluate it with that version, or start a new run")
     return payload
 
 
@@ -847,9 +889,6 @@ def config_from_dict(d: dict) -> Config:
 
 def restore_state(template: TrainState, state_dict: dict) -> TrainState:
     state_dict = dict(state_dict)
-    if "absorbing" not in state_dict["critic"]:
-        raise CVLError("this checkpoint was written by a cvl.py without absorbing states (it modelled every "
-                       "episode end as a time limit); evaluate it with that version, or start a new run")
     state_dict["key"] = jax.random.wrap_key_data(np.asarray(state_dict["key"]))
     state = flax.serialization.from_state_dict(template.replace(key=state_dict["key"]), state_dict)
     return jax.tree.map(jnp.asarray, state)
@@ -964,7 +1003,7 @@ def train(cfg: Config) -> dict:
             for name, values in metrics.items():
                 row.update(per_seed_columns(name, values.mean(axis=0)))
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                returns = evaluate(to_host(state.actor), nets, env_id, seeds, cfg.eval_episodes)
+                returns = evaluate(partial(eval_action, nets), to_host(state.actor), env_id, seeds, cfg.eval_episodes)
                 row.update(per_seed_columns("return_mean", returns.mean(axis=1)))
                 row.update(per_seed_columns("return_std", returns.std(axis=1)))
                 row.update(per_seed_columns("score", normalized_score(returns.mean(axis=1), ref_min, ref_max)))
@@ -1027,7 +1066,7 @@ def evaluate_checkpoint(path: str, episodes: int, video: str = "", video_steps: 
     nets = make_networks(cfg, act_dim)
     seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
     state = restore_state(init_states(cfg, nets, seeds, obs_dim, act_dim), ckpt["state"])
-    returns = evaluate(to_host(state.actor), nets, env_id, seeds, episodes)
+    returns = evaluate(partial(eval_action, nets), to_host(state.actor), env_id, seeds, episodes)
     scores = normalized_score(returns.mean(axis=1), ref_min, ref_max)
     result = {"step": ckpt["step"], **per_seed_columns("return_mean", returns.mean(axis=1)),
               **per_seed_columns("score", scores)}

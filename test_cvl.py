@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import h5py
@@ -584,7 +585,8 @@ def test_k_seed_run_equals_single_runs(tmp_path, dataset):
         # own weights with seed i's env seeds.
         cfg = small_config(dataset, tmp_path)
         actor_i = jax.tree.map(lambda x, i=i: x[i: i + 1], multi_state["actor"])
-        returns = cvl.evaluate(actor_i, cvl.make_networks(cfg, 6), ENV_ID, [i], cfg.eval_episodes)
+        returns = cvl.evaluate(partial(cvl.eval_action, cvl.make_networks(cfg, 6)), actor_i, ENV_ID, [i],
+                               cfg.eval_episodes)
         score = cvl.normalized_score(returns.mean(), *cvl.D4RL_ENVS["halfcheetah"][1:])
         assert float(multi[-1][f"score_s{i}"]) == pytest.approx(score, rel=1e-9)
     scores = [float(multi[-1][f"score_s{i}"]) for i in range(2)]
@@ -838,3 +840,86 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
         assert raw_small["rewards"].min() <= r["normalized"]["q_mean"] <= raw_small["rewards"].max()
     with pytest.raises(SystemExit, match="lower --rows, --goals or --min-horizon"):
         diagnose_critic.main([final["run_dir"], "--rows", "128", "--min-horizon", "500"])
+
+
+# ---------------------------------------------------------------------------------------------- TD3+BC
+def import_bench(name: str):
+    sys.path.insert(0, str(HERE / "bench"))
+    return __import__(name)
+
+
+def test_td3_bc_transitions_are_normalised_with_dataset_statistics():
+    td3_bc = import_bench("td3_bc")
+    raw = hand_made_episodes()
+    raw["observations"][:, 1] = np.random.default_rng(0).normal(5.0, 3.0, 18)
+    raw["next_observations"][:-1] = raw["observations"][1:]
+    raw["next_observations"][[5, 11, 17]] = raw["observations"][[5, 11, 17]] + 0.5
+    data = cvl.make_data(raw)
+    mean, std = td3_bc.normalizer(np.asarray(data.observations))
+    tr = td3_bc.make_transitions(data, mean, std)
+    obs = np.asarray(tr.observations)
+    np.testing.assert_allclose(obs.mean(axis=0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(obs.std(axis=0), raw["observations"].std(axis=0) / std, rtol=1e-5)
+    assert (np.abs(obs.std(axis=0) - 1) < 1e-2).all()
+    # next states use the same statistics: within an episode s'_j is the next row's normalised state
+    np.testing.assert_allclose(np.asarray(tr.next_observations)[:5], obs[1:6], rtol=1e-5)
+    assert np.flatnonzero(np.asarray(tr.dones)).tolist() == [5, 17]  # falls; row 11 is a timeout
+    no_next = td3_bc.make_transitions(cvl.make_data({k: v for k, v in raw.items() if k != "next_observations"}),
+                                      mean, std)
+    # without stored next states the timeout's last row has no target; a fall's needs none
+    assert 11 not in np.asarray(no_next.rows) and {5, 17} <= set(np.asarray(no_next.rows).tolist())
+
+
+def td3_setup(raw, **kw):
+    td3_bc = import_bench("td3_bc")
+    cfg = td3_bc.TD3BCConfig(hidden=(64, 64), batch_size=128, **kw)
+    data = cvl.make_data(raw)
+    tr = jax.device_put(td3_bc.make_transitions(data, *td3_bc.normalizer(np.asarray(data.observations))))
+    nets = td3_bc.Nets(actor=cvl.MLP(cfg.hidden, 6), critic=cvl.MLP(cfg.hidden, 1))
+    return td3_bc, cfg, tr, nets, td3_bc.init_state(jax.random.key(0), cfg, nets, 17, 6)
+
+
+def test_td3_bc_delays_the_actor_and_polyak_updates_the_targets(raw_small):
+    td3_bc, cfg, tr, nets, s0 = td3_setup(raw_small)
+    step = jax.jit(partial(td3_bc.update_step, cfg=cfg, nets=nets))
+    s1, _ = step(s0, tr)
+    s2, _ = step(s1, tr)
+    leaves = jax.tree.leaves
+
+    def differs(a, b):
+        return not all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b)))
+
+    assert differs(s1.critic, s0.critic) and differs(s2.critic, s1.critic)  # the critic learns every step
+    assert not differs(s1.actor, s0.actor) and not differs(s1.actor_target, s0.actor_target)  # step 1: no actor
+    assert not differs(s1.critic_target, s0.critic_target)
+    assert differs(s2.actor, s1.actor)  # step 2: the actor moves, and both targets by tau towards the new weights
+    for target, old, new in ((s2.actor_target, s1.actor_target, s2.actor),
+                             (s2.critic_target, s1.critic_target, s2.critic)):
+        for t, o, n in zip(leaves(target), leaves(old), leaves(new)):
+            np.testing.assert_allclose(t, (1 - cfg.tau) * o + cfg.tau * n, rtol=1e-5, atol=1e-7)
+
+
+def test_td3_bc_critic_loss_falls(raw_small):
+    td3_bc, cfg, tr, nets, state = td3_setup(raw_small)
+    train = td3_bc.make_train_fn(cfg, nets)
+    state = jax.tree.map(lambda x: x[None], state)
+    losses = []
+    for _ in range(6):
+        state, metrics = train(state, tr, 200)
+        losses.append(float(np.asarray(metrics["critic_loss"]).mean()))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_td3_bc_cli_trains_evaluates_and_resumes(tmp_path, dataset):
+    td3_bc = import_bench("td3_bc")
+    args = ["--dataset", str(dataset), "--eval-env", ENV_ID, "--steps", "200", "--eval-every", "100",
+            "--updates-per-call", "50", "--checkpoint-every", "100", "--eval-episodes", "2", "--num-seeds", "2",
+            "--hidden", "32", "32", "--batch-size", "64", "--out", str(tmp_path), "--no-progress"]
+    final = td3_bc.main(args)
+    run = Path(final["run_dir"])
+    rows = read_rows(run)
+    assert [int(r["step"]) for r in rows] == [50, 100, 150, 200] and rows[-1]["score_s1"] != ""
+    assert (run / "checkpoint.msgpack").exists() and (run / "learning_curve.png").exists()
+    extended = td3_bc.main(["--resume", str(run), "--steps", "300", "--no-progress"])
+    rows = read_rows(run)
+    assert [int(r["step"]) for r in rows] == [50, 100, 150, 200, 250, 300] and extended["step"] == 300
