@@ -1,11 +1,12 @@
-"""Run the results table for halfcheetah-medium-local with one command, then write the table and the plot.
+"""Run the results tables on the two local datasets with one command, then write each table and plot.
 
-    python bench/results.py                     # every run below, then results/halfcheetah-medium-local.{md,png}
-    python bench/results.py --steps 200000      # longer: finished runs are extended with --resume, not redone
-    python bench/results.py --report-only       # only rebuild the table and plot from existing runs
+    python bench/results.py --steps 300000 --only cvl bc td3bc       # results/<dataset>.{md,png} for both datasets
+    python bench/results.py --datasets hopper-medium-local --steps 50000
+    python bench/results.py --report-only                            # only rebuild tables and plots from runs
 
-Each method is one cvl.py process (its seeds in one program via --num-seeds). A run whose checkpoint already has
---steps steps is skipped; a shorter or interrupted one is resumed, so the command can be stopped and re-run.
+Each method is one process of cvl.py (or bench/td3_bc.py for TD3+BC), its seeds in one program via --num-seeds. A run
+whose metrics already reach --steps is skipped; a shorter or interrupted one is resumed, so the command can be
+stopped and re-run, and later sessions extend the same runs.
 """
 from __future__ import annotations
 
@@ -19,25 +20,22 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-DATASET = ROOT.parent / "shared" / "d4rl" / "halfcheetah_medium-local.hdf5"
-LABEL = "halfcheetah-medium-local"
-DATASET_SCORE = 41.9  # the dataset's own mean return (4,926), normalised with D4RL's halfcheetah references
-# (method, folder, extra cvl.py flags, seeds). Everything else is the cpu preset.
-ORIGINAL_Q = ["--q-estimator", "diag", "--goal-reward", "goal"]  # the original code's Q estimate
+SHARED = ROOT.parent / "shared" / "d4rl"
+# label -> (file, gymnasium eval env, the dataset's own mean return as a normalised score; see shared/d4rl/README.md)
+DATASETS = {
+    "halfcheetah-medium-local": (SHARED / "halfcheetah_medium-local.hdf5", "HalfCheetah-v4", 41.9),
+    "hopper-medium-local": (SHARED / "hopper_medium-local.hdf5", "Hopper-v4", 44.8),
+}
+CVL, TD3BC = ROOT / "cvl.py", ROOT / "bench" / "td3_bc.py"
+# (method, folder, script, extra flags, seeds). Everything else is cvl.py's cpu preset, or TD3+BC's published settings.
 METHODS = [
-    ("CVL", "cvl", [], 3),
-    ("BC (--bc-coef 1.0)", "bc", ["--bc-coef", "1.0"], 3),
-    ("CVL, original code's Q (--q-estimator diag --goal-reward goal)", "cvl-diag", ORIGINAL_Q, 3),
-    ("CVL, InfoNCE critic (--critic-loss infonce)", "cvl-infonce-normalized", ["--critic-loss", "infonce"], 1),
-    ("CVL, no BC term (--bc-coef 0)", "cvl-nobc-normalized", ["--bc-coef", "0"], 1),
-    ("CVL, the paper's batch 1024 (--batch-size 1024)", "cvl-batch1024", ["--batch-size", "1024"], 1),
-    ("CVL, original code's Q, marginal (--q-estimator marginal --goal-reward goal)", "cvl-marginal",
-     ["--q-estimator", "marginal", "--goal-reward", "goal"], 1),
-    ("CVL, original code's Q, InfoNCE critic (... --critic-loss infonce)", "cvl-infonce",
-     [*ORIGINAL_Q, "--critic-loss", "infonce"], 1),
-    ("CVL, original code's Q, no BC term (... --bc-coef 0)", "cvl-nobc", [*ORIGINAL_Q, "--bc-coef", "0"], 1),
-    ("CVL, original code's Q, corrected density ratio (... --density-ratio corrected)", "cvl-corrected",
-     [*ORIGINAL_Q, "--density-ratio", "corrected"], 3),
+    ("CVL", "cvl", CVL, [], 3),
+    ("BC (--bc-coef 1.0)", "bc", CVL, ["--bc-coef", "1.0"], 3),
+    ("TD3+BC (bench/td3_bc.py)", "td3bc", TD3BC, [], 3),
+    ("CVL, AWR policy step (--actor-objective awr)", "cvl-awr", CVL, ["--actor-objective", "awr"], 3),
+    ("CVL, original code's Q (--q-estimator diag --goal-reward goal)", "cvl-diag", CVL,
+     ["--q-estimator", "diag", "--goal-reward", "goal"], 1),
+    ("CVL, the paper's batch 1024 (--batch-size 1024)", "cvl-batch1024", CVL, ["--batch-size", "1024"], 1),
 ]
 
 
@@ -51,17 +49,19 @@ def run_step(run: Path) -> int:
     return int(rows[-1]["step"]) if rows else 0
 
 
-def run_method(folder: Path, flags: list[str], seeds: int, args) -> None:
+def run_method(folder: Path, script: Path, flags: list[str], seeds: int, dataset: str, args) -> None:
     run = latest_run(folder)
     if run is not None and run_step(run) >= args.steps:
-        print(f"results: {folder.name}: done ({run_step(run)} steps) in {run}", flush=True)
+        print(f"results: {folder}: done ({run_step(run)} steps) in {run}", flush=True)
         return
     if run is not None:  # interrupted or shorter: continue it
         cmd = ["--resume", str(run), "--steps", str(args.steps)]
     else:
-        cmd = ["--dataset", str(args.dataset), "--eval-env", "HalfCheetah-v4", "--preset", "cpu",
-               "--steps", str(args.steps), "--num-seeds", str(seeds), "--seed", "0", "--out", str(folder), *flags]
-    cmd = [sys.executable, str(ROOT / "cvl.py"), *cmd, *(["--no-progress"] if args.quiet else [])]
+        path, eval_env, _ = DATASETS[dataset]
+        preset = ["--preset", "cpu"] if script == CVL else []
+        cmd = ["--dataset", str(path), "--eval-env", eval_env, *preset, "--steps", str(args.steps),
+               "--num-seeds", str(seeds), "--seed", "0", "--out", str(folder), *flags]
+    cmd = [sys.executable, str(script), *cmd, *(["--no-progress"] if args.quiet else [])]
     print("results: running", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
@@ -79,19 +79,20 @@ def summarise(run: Path) -> dict:
                 minutes=float(rows[-1]["wall_time"]) / 60, curve=(steps, score, std), run=run)
 
 
-def report(results: dict[str, dict], out: Path) -> None:
+def report(results: dict[str, dict], dataset: str, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    lines = [f"# Results on {LABEL}", "",
-             "Normalised score (D4RL's halfcheetah reference returns) of the deterministic policy, 10 episodes per "
-             "evaluation in gymnasium HalfCheetah-v4, mean +- std over seeds (std 0 for one seed). Final: at the "
+    _, eval_env, dataset_score = DATASETS[dataset]
+    lines = [f"# Results on {dataset}", "",
+             f"Normalised score (D4RL's reference returns) of the deterministic policy, 10 episodes per "
+             f"evaluation in gymnasium {eval_env}, mean +- std over seeds (std 0 for one seed). Final: at the "
              "last step; best: the best evaluation of the seed-mean curve; 2nd-half mean: the mean of the seed-mean "
              "curve over the evaluations in the second half of the run (every 10k steps). Dataset's own mean "
-             f"return: {DATASET_SCORE}.", "",
+             f"return: {dataset_score}.", "",
              "| method | steps | seeds | final score | best score | 2nd-half mean | wall-clock (min) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     # left: every row; right: the same curves zoomed on the band where CVL and BC differ
@@ -104,16 +105,17 @@ def report(results: dict[str, dict], out: Path) -> None:
             line, = a.plot(x, y, marker="o", ms=3, label=f"{name} ({r['seeds']} seed{'s' * (r['seeds'] > 1)})")
             a.fill_between(x, y - s, y + s, alpha=0.2, color=line.get_color())
     for a in (ax, zoom):
-        a.axhline(DATASET_SCORE, color="gray", ls="--", lw=1, label=f"dataset mean ({DATASET_SCORE})")
+        a.axhline(dataset_score, color="gray", ls="--", lw=1, label=f"dataset mean ({dataset_score})")
         a.set_xlabel("gradient step")
         a.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:.0f}k"))
         a.grid(alpha=0.3)
     ax.set_ylabel("normalised score")
-    ax.set_title(f"{LABEL}, cpu preset")
-    (low, high), start = (41, 46), 40_000
+    ax.set_title(f"{dataset}, cpu preset")
+    finals = [r["final"][0] for r in results.values()]  # zoom on the band the final scores span
+    (low, high), start = (np.floor(min(finals)) - 2, np.ceil(max(finals)) + 2), 40_000
     zoom.set_ylim(low, high)
     zoom.set_xlim(left=start)
-    zoom.set_title(f"zoom: score {low} to {high}, from step {start // 1000}k")
+    zoom.set_title(f"zoom: score {low:.0f} to {high:.0f}, from step {start // 1000}k")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
@@ -127,22 +129,24 @@ def report(results: dict[str, dict], out: Path) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200_000, help="gradient steps per run")
-    parser.add_argument("--dataset", type=Path, default=DATASET, help="the halfcheetah-medium-local file")
+    parser.add_argument("--steps", type=int, default=300_000, help="gradient steps per run")
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS), help="which tables")
     parser.add_argument("--runs", type=Path, default=ROOT / "results" / "runs", help="where run folders go")
-    parser.add_argument("--only", nargs="*", default=None, help="folders to run (default: all), e.g. cvl bc")
-    parser.add_argument("--report-only", action="store_true", help="do not train; rebuild table and plot")
+    parser.add_argument("--only", nargs="*", default=None, help="folders to run (default: all), e.g. cvl bc td3bc")
+    parser.add_argument("--report-only", action="store_true", help="do not train; rebuild tables and plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args()
-    results = {}
-    for name, folder, flags, seeds in METHODS:
-        if not args.report_only and (args.only is None or folder in args.only):
-            run_method(args.runs / folder, flags, seeds, args)
-        run = latest_run(args.runs / folder)
-        if run is not None:
-            results[name] = summarise(run)
-    if results:
-        report(results, ROOT / "results" / f"{LABEL}.md")
+    for dataset in args.datasets:
+        results = {}
+        for name, folder, script, flags, seeds in METHODS:
+            where = args.runs / dataset / folder
+            if not args.report_only and (args.only is None or folder in args.only):
+                run_method(where, script, flags, seeds, dataset, args)
+            run = latest_run(where)
+            if run is not None:
+                results[name] = summarise(run)
+        if results:
+            report(results, dataset, ROOT / "results" / f"{dataset}.md")
 
 
 if __name__ == "__main__":
