@@ -558,9 +558,25 @@ def q_estimate(nets: Networks, critic, s, a, psi, goal_rewards, cfg: Config):
 
 
 # Actor objectives. Each maps (actor params, frozen critic, the batch's goal features psi) to (loss, metrics).
+BOUND = 0.999  # |a| >= BOUND: an action at the edge of the action space, as clipped data has many of
+
+
 def bc_nll(mean, std, actions):
-    """-log pi(a | s) of dataset actions under the tanh-Gaussian (clipped off the tanh's asymptotes)."""
-    return -tanh_gaussian_log_prob(mean, std, jnp.arctanh(jnp.clip(actions, -1 + 1e-6, 1 - 1e-6)))
+    """-log pi(a | s) of dataset actions under the tanh-Gaussian, with actions at the edges treated as censored.
+
+    Data collected with clipping holds many actions of exactly +-1 (a quarter of hopper-medium-local's), whose
+    pre-tanh value is +-infinity: clipped to 1 - 1e-6 it is +-7.25, which drags the mean far out and the std
+    up. As the original code's tanh distribution does, an action beyond the bound gets instead the probability
+    that the policy puts beyond it, P(tanh(u) >= BOUND), spread over the edge's width 1 - BOUND, so its pull stops
+    once the policy saturates there.
+    """
+    u = jnp.arctanh(jnp.clip(actions, -BOUND, BOUND))
+    gauss = -0.5 * ((u - mean) / std) ** 2 - jnp.log(std) - 0.5 * math.log(2 * math.pi)
+    log_det = 2.0 * (math.log(2.0) - u - jax.nn.softplus(-2.0 * u))  # = log(1 - tanh(u)^2), stable
+    edge = math.atanh(BOUND)
+    tail = jax.scipy.special.log_ndtr(jnp.sign(actions) * (mean - jnp.sign(actions) * edge) / std)
+    log_p = jnp.where(jnp.abs(actions) >= BOUND, tail - math.log(1 - BOUND), gauss - log_det)
+    return -jnp.sum(log_p, axis=-1)
 
 
 def actor_loss_q(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):

@@ -8,6 +8,7 @@ import csv
 import dataclasses
 import http.server
 import json
+import math
 import os
 import signal
 import socket
@@ -433,7 +434,7 @@ def test_property_splitting_and_sampling_on_random_layouts(lengths, draw):
     t, j = np.asarray(b.observations)[:, 0].astype(int), np.asarray(b.goal_rewards).astype(int)
     absorbing = np.asarray(b.absorbing)
     assert (fell[t] | ~absorbing).all()  # only an episode that fell ends in the absorbing state
-    real = ~absorbing | (~stored_next & (j == expected_end[t]))  # the fall's own reward, s_{e+1} not stored
+    real = ~absorbing | ((not stored_next) & (j == expected_end[t]))  # the fall's own reward, s_{e+1} not stored
     assert (j[real] >= t[real]).all() and (j[real] <= expected_end[t][real]).all()
     assert (j[~real] == 0).all()
 
@@ -580,6 +581,44 @@ def test_batch_estimators_leave_out_each_rows_own_goal():
     q, q2 = (np.asarray(cvl.q_normalized(jnp.asarray(f), jnp.asarray(x))) for x in (r, r2))
     assert q2[3] == pytest.approx(q[3]) and (q2[np.arange(b) != 3] > q[np.arange(b) != 3]).all()
     np.testing.assert_allclose(cvl.q_diag(jnp.asarray(f), jnp.asarray(r)), np.exp(np.diag(f)) * r, rtol=1e-5)
+
+
+def test_bc_likelihood_is_a_distribution_with_mass_at_the_edges():
+    """exp(-bc_nll) integrates over the interior, plus (1 - BOUND) times its value at each edge, to 1; an edge's
+    mass is the Gaussian tail beyond atanh(BOUND), computed here with math.erf."""
+    for m, sd in ((0.8, 1.5), (-2.0, 0.7), (0.0, 0.2)):
+        mean, std = jnp.array([[m]]), jnp.array([[sd]])
+        a = np.linspace(-cvl.BOUND, cvl.BOUND, 400_001)[1:-1]
+        interior = np.trapezoid(np.exp(-np.asarray(cvl.bc_nll(mean, std, jnp.asarray(a)[:, None]), np.float64)), a)
+        edge = {x: float(np.exp(-cvl.bc_nll(mean, std, jnp.array([[x]]))[0])) * (1 - cvl.BOUND) for x in (1.0, -1.0)}
+        c = np.arctanh(cvl.BOUND)
+        np.testing.assert_allclose(edge[1.0], 0.5 * math.erfc((c - m) / (sd * math.sqrt(2))), rtol=1e-4, atol=1e-9)
+        np.testing.assert_allclose(edge[-1.0], 0.5 * math.erfc((c + m) / (sd * math.sqrt(2))), rtol=1e-4, atol=1e-9)
+        assert abs(interior + edge[1.0] + edge[-1.0] - 1) < 2e-3
+
+
+def test_behaviour_cloning_of_actions_at_the_bounds_stays_bounded():
+    """A quarter of hopper-medium-local's actions are exactly +-1. Cloning data that is always at +1 in one dimension
+    saturates the policy there while that dimension's NLL stays above its floor -log(1 / (1 - BOUND)) (a density at
+    a pre-tanh value of +-7.25 with a shrinking std would fall without bound and swamp every other term), and the
+    other dimension is still learned."""
+    rng = np.random.default_rng(0)
+    s = jnp.asarray(rng.normal(size=(256, 3)), jnp.float32)
+    a = jnp.stack([jnp.ones(256), jnp.asarray(np.clip(rng.normal(0.3, 0.1, 256), -1, 1), jnp.float32)], axis=1)
+    cfg = cvl.make_config("cpu", hidden=(32, 32))
+    nets = cvl.make_networks(cfg, 2)
+    actor = nets.actor.init(jax.random.key(0), s)
+    opt = cvl.make_optimizer(cfg)
+    opt_state = opt.init(actor)
+    grad = jax.jit(jax.grad(lambda p: cvl.bc_nll(*cvl.actor_dist(nets, p, s, cfg.actor_min_std), a).mean()))
+    for _ in range(1500):
+        updates, opt_state = opt.update(grad(actor), opt_state)
+        actor = optax.apply_updates(actor, updates)
+    mean, std = (np.asarray(x) for x in cvl.actor_dist(nets, actor, s, cfg.actor_min_std))
+    assert np.tanh(mean[:, 0]).min() > 0.99 and np.isfinite(std).all()
+    nll_saturated = np.asarray(cvl.bc_nll(jnp.asarray(mean[:, :1]), jnp.asarray(std[:, :1]), a[:, :1]))
+    assert nll_saturated.min() >= math.log(1 - cvl.BOUND) - 1e-4
+    assert abs(np.tanh(mean[:, 1]).mean() - 0.3) < 0.05
 
 
 def test_tanh_gaussian_log_prob_matches_a_numerical_density():
