@@ -69,8 +69,11 @@ class Config:
     lr: float = _flag(3e-4, "Adam learning rate for critic and actor.")
     adam_eps: float = _flag(1e-7, "Adam epsilon.")
     gamma: float = _flag(0.99, "Discount: goals are s_{t+k} with P(k) proportional to gamma^(k-1).")
-    critic_loss: str = _flag("nce", "nce: binary NCE (sigmoid) on B x B logits; infonce: softmax CE on rows.",
-                             choices=("nce", "infonce"))
+    critic_loss: str = _flag("nce", "nce: binary NCE (sigmoid) on B x B logits; infonce: softmax CE on rows; td: "
+                             "contrastive TD (the original code's use_td), the learned policy's future by "
+                             "bootstrapping from s' with a target critic.", choices=("nce", "infonce", "td"))
+    tau: float = _flag(0.005, "With --critic-loss td: Polyak step of the target critic.")
+    td_max_weight: float = _flag(20.0, "With --critic-loss td: clip the bootstrap weights exp(f_target) here.")
     q_estimator: str = _flag("normalized", "normalized: sum_j softmax_j(f(s,a,g_j)) r_j over the batch's other rows' "
                              "goals, an estimate of (1 - gamma) Q; diag: exp(f(s,a,g_i)) r_i, row i's own goal "
                              "(original code); marginal: mean_j exp(f(s,a,g_j)) r_j over the other rows' goals.", choices=("normalized", "diag", "marginal"))
@@ -146,6 +149,8 @@ def check_config(cfg: Config) -> None:
     for name in positive:
         if getattr(cfg, name) <= 0:
             raise CVLError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if not 0.0 < cfg.tau <= 1.0 or cfg.td_max_weight <= 0:
+        raise CVLError(f"--tau must be in (0, 1] and --td-max-weight positive, got {cfg.tau} and {cfg.td_max_weight}")
     if not 0.0 < cfg.gamma < 1.0:
         raise CVLError(f"--gamma must be in (0, 1), got {cfg.gamma}")
     if not 0.0 <= cfg.bc_coef <= 1.0:
@@ -381,6 +386,9 @@ class Batch(NamedTuple):
     goals: jax.Array  # s_{t+k} (any valid state where absorbing)
     absorbing: jax.Array  # the goal is the absorbing state after a termination
     goal_rewards: jax.Array  # r(g): rewards[t+k-1] ("arrival") or rewards[t+k] ("goal"); 0 once absorbed
+    next_observations: jax.Array  # s_{t+1} (contrastive TD's positive goal)
+    next_absorbing: jax.Array  # s_{t+1} is not stored and the episode fell there: the absorbing state stands in
+    done: jax.Array  # row t ends its episode by a true termination: nothing but the absorbing state follows
 
 
 def sample_future_offset(key: jax.Array, horizon: jax.Array, gamma: float) -> jax.Array:
@@ -433,7 +441,8 @@ def sample_batch(data: Data, key: jax.Array, batch_size: int, gamma: float, rewa
     k_row, k_offset = jax.random.split(key)
     t = data.anchors[jax.random.randint(k_row, (batch_size,), 0, data.anchors.shape[0])]
     goals, absorbing, goal_rewards = sample_goals(data, k_offset, t, gamma, reward_kind)
-    return Batch(data.observations[t], data.actions[t], goals, absorbing, goal_rewards)
+    return Batch(data.observations[t], data.actions[t], goals, absorbing, goal_rewards, data.next_observations[t],
+                 t > data.known_end[t], data.terminal[t] & (t == data.episode_end[t]))
 
 
 # ===================================================================================================== networks
@@ -496,25 +505,71 @@ def eval_action(nets: Networks, actor, s):
 
 
 # ======================================================================================================= losses
-def critic_loss(critic, nets: Networks, batch: Batch, kind: str, shard):
-    """Contrastive loss on the B x B logits: diagonal pairs are positives, all others negatives."""
-    logits, psi = critic_logits(nets, critic, batch.observations, batch.actions, batch.goals, batch.absorbing)
-    logits = shard(logits, "data", None)  # each device holds its (B/n) x B block: all B-1 negatives per sample
-    labels = jnp.eye(logits.shape[0], dtype=logits.dtype)
-    if kind == "nce":
-        loss = optax.sigmoid_binary_cross_entropy(logits, labels).mean()
-    else:
-        loss = optax.softmax_cross_entropy(logits, labels).mean()
+# Critic losses. Each maps (critic params, train state, batch) to (loss, (metrics, psi of the batch's goals)); the
+# batch's goals g_j double as the negatives: samples of the marginal p(g).
+def contrastive_metrics(loss, logits):
+    """Diagnostics of a B x B logit matrix whose diagonal holds the positives."""
     diag = jnp.diagonal(logits)
-    metrics = dict(
+    return dict(
         critic_loss=loss,
-        binary_accuracy=jnp.mean((logits > 0) == (labels > 0)),
+        binary_accuracy=jnp.mean((logits > 0) == jnp.eye(logits.shape[0], dtype=bool)),
         categorical_accuracy=jnp.mean(jnp.argmax(logits, axis=1) == jnp.arange(logits.shape[0])),
         logits_pos=diag.mean(),
         logits_neg=(logits.sum() - diag.sum()) / (logits.size - diag.size),
         logsumexp=jax.nn.logsumexp(logits, axis=1).mean(),
     )
-    return loss, (metrics, psi)
+
+
+def critic_loss_nce(critic, state, batch: Batch, key, cfg: Config, nets: Networks, shard):
+    """Binary NCE (the paper's): each (s_i, a_i) against its own future goal g_i (label 1) and the batch's other
+    goals (label 0), a sigmoid cross-entropy on every entry of the B x B logits."""
+    logits, psi = critic_logits(nets, critic, batch.observations, batch.actions, batch.goals, batch.absorbing)
+    logits = shard(logits, "data", None)  # each device holds its (B/n) x B block: all B-1 negatives per sample
+    loss = optax.sigmoid_binary_cross_entropy(logits, jnp.eye(logits.shape[0], dtype=logits.dtype)).mean()
+    return loss, (contrastive_metrics(loss, logits), psi)
+
+
+def critic_loss_infonce(critic, state, batch: Batch, key, cfg: Config, nets: Networks, shard):
+    """InfoNCE: each row's softmax over the batch's goals should pick its own."""
+    logits, psi = critic_logits(nets, critic, batch.observations, batch.actions, batch.goals, batch.absorbing)
+    logits = shard(logits, "data", None)
+    loss = optax.softmax_cross_entropy(logits, jnp.eye(logits.shape[0], dtype=logits.dtype)).mean()
+    return loss, (contrastive_metrics(loss, logits), psi)
+
+
+def critic_loss_td(critic, state, batch: Batch, key, cfg: Config, nets: Networks, shard):
+    """Contrastive TD (the original code's use_td): the future of the *learned* policy, by bootstrapping.
+
+    The discounted future of (s, a) under pi is (1 - gamma) delta(s') + gamma E_{a' ~ pi(s')} [future of (s', a')].
+    Binary NCE against marginal goals g_j then has positives s' with weight 1 - gamma, and each marginal goal g_j as
+    a positive with weight gamma w_ij, where w_ij = exp(f_target(s'_i, a'_i, g_j)) (the target critic's density
+    ratio, C / (1 - C) of its sigmoid) clipped at td_max_weight, besides its usual weight 1 as a negative. After a
+    fall only the absorbing state follows: w is then 1 / P(absorbing) on absorbing goals and 0 on the others.
+    """
+    phi = nets.phi.apply(critic["phi"], jnp.concatenate([batch.observations, batch.actions], axis=-1))
+    psi = goal_features(nets, critic, batch.goals, batch.absorbing)
+    psi_next = goal_features(nets, critic, batch.next_observations, batch.next_absorbing)
+    pos = jnp.sum(phi * psi_next, axis=-1)  # f(s_i, a_i, s'_i)
+    logits = shard(phi @ psi.T, "data", None)  # f(s_i, a_i, g_j)
+
+    mean, std = actor_dist(nets, state.actor, batch.next_observations, cfg.actor_min_std)
+    next_a = jnp.tanh(mean + std * jax.random.normal(key, mean.shape))
+    target = state.critic_target
+    f_next = (nets.phi.apply(target["phi"], jnp.concatenate([batch.next_observations, next_a], axis=-1))
+              @ goal_features(nets, target, batch.goals, batch.absorbing).T)
+    p_absorbing = jnp.maximum(batch.absorbing.mean(), 1.0 / batch.absorbing.shape[0])
+    w = jnp.where(batch.done[:, None], batch.absorbing[None, :] / p_absorbing, jnp.exp(f_next))
+    w = jax.lax.stop_gradient(jnp.minimum(w, cfg.td_max_weight))
+
+    off = 1.0 - jnp.eye(logits.shape[0], dtype=logits.dtype)  # g_i is from row i's own future: not a marginal sample
+    bce = optax.sigmoid_binary_cross_entropy
+    neg = (cfg.gamma * w * bce(logits, 1.0) + bce(logits, 0.0)) * off
+    loss = jnp.mean((1 - cfg.gamma) * bce(pos, 1.0) + neg.sum(axis=1) / off.sum(axis=1))
+    metrics = contrastive_metrics(loss, logits - jnp.diag(jnp.diagonal(logits) - pos))  # positives s' on the diagonal
+    return loss, ({**metrics, "td_weight_mean": (w * off).sum() / off.sum()}, psi)
+
+
+CRITIC_LOSSES = {"nce": critic_loss_nce, "infonce": critic_loss_infonce, "td": critic_loss_td}
 
 
 # Q estimators. Each maps the logits f[i, j] = f(s_i, a_i, g_j) of B state-actions against the batch's B goals, and
@@ -615,7 +670,8 @@ ACTOR_OBJECTIVES = {"q": actor_loss_q, "awr": actor_loss_awr}
 
 # ======================================================================================================= update
 class TrainState(flax.struct.PyTreeNode):
-    critic: dict  # {"phi": ..., "psi": ...}
+    critic: dict  # {"phi": ..., "psi": ..., "absorbing": ...}
+    critic_target: dict  # Polyak average of critic (used by --critic-loss td)
     actor: Any
     log_alpha: jax.Array
     critic_opt: Any
@@ -636,7 +692,7 @@ def init_state(key: jax.Array, cfg: Config, nets: Networks, obs_dim: int, act_di
     actor = nets.actor.init(k_actor, jnp.zeros((1, obs_dim)))
     log_alpha = jnp.asarray(math.log(cfg.alpha) if cfg.alpha > 0 else 0.0, jnp.float32)
     opt = make_optimizer(cfg)
-    return TrainState(critic, actor, log_alpha, opt.init(critic), opt.init(actor), opt.init(log_alpha), key,
+    return TrainState(critic, critic, actor, log_alpha, opt.init(critic), opt.init(actor), opt.init(log_alpha), key,
                       jnp.zeros((), jnp.int32))
 
 
@@ -658,8 +714,8 @@ def learn_from_batch(state: TrainState, batch: Batch, k_actor, cfg: Config, nets
     """Update critic and actor (and alpha), both from the parameters before the step."""
     opt = make_optimizer(cfg)
 
-    (_, (metrics, psi)), critic_grads = jax.value_and_grad(critic_loss, has_aux=True)(
-        state.critic, nets, batch, cfg.critic_loss, shard)
+    (_, (metrics, psi)), critic_grads = jax.value_and_grad(CRITIC_LOSSES[cfg.critic_loss], has_aux=True)(
+        state.critic, state, batch, jax.random.fold_in(k_actor, 1), cfg, nets, shard)
     # The actor reuses the critic's goal representations psi(g); neither psi nor the critic moves with the actor.
     alpha = jnp.exp(state.log_alpha) if cfg.auto_alpha else cfg.alpha
     (_, actor_metrics), actor_grads = jax.value_and_grad(ACTOR_OBJECTIVES[cfg.actor_objective], has_aux=True)(
@@ -676,9 +732,10 @@ def learn_from_batch(state: TrainState, batch: Batch, k_actor, cfg: Config, nets
         alpha_updates, alpha_opt = opt.update(alpha_grad, state.alpha_opt)
         log_alpha = optax.apply_updates(log_alpha, alpha_updates)
         metrics["alpha"] = jnp.exp(log_alpha)
+    critic = optax.apply_updates(state.critic, critic_updates)
     new_state = state.replace(
-        critic=optax.apply_updates(state.critic, critic_updates), actor=optax.apply_updates(state.actor, actor_updates),
-        log_alpha=log_alpha, critic_opt=critic_opt, actor_opt=actor_opt, alpha_opt=alpha_opt, step=state.step + 1)
+        critic=critic, critic_target=optax.incremental_update(critic, state.critic_target, cfg.tau),
+        actor=optax.apply_updates(state.actor, actor_updates), log_alpha=log_alpha, critic_opt=critic_opt, actor_opt=actor_opt, alpha_opt=alpha_opt, step=state.step + 1)
     return new_state, metrics
 
 

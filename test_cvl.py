@@ -474,6 +474,60 @@ def test_infonce_critic_learns_too(tmp_path):
     assert history[-1]["categorical_accuracy"] > 10 / cfg.batch_size
 
 
+def test_contrastive_td_critic_learns_where_the_future_is_predictable(tmp_path):
+    raw = rollouts(episodes=64, length=25, seed=3, constant_action=True)
+    cfg = small_config(tmp_path / "x.hdf5", tmp_path, hidden=(64, 64), batch_size=64, gamma=0.9, critic_loss="td")
+    _, history = train_chunks(cfg, raw, chunks=6, n=250)
+    assert history[0]["critic_loss"] > history[-1]["critic_loss"]
+    assert history[-1]["categorical_accuracy"] > 5 / cfg.batch_size, history[-1]
+    assert history[-1]["logits_pos"] > history[-1]["logits_neg"] + 1.0
+
+
+def test_contrastive_td_loss_matches_a_plain_loop():
+    """(1 - gamma) BCE(f(s, a, s'), 1) + mean_{j != i} [gamma w_ij BCE(f_ij, 1) + BCE(f_ij, 0)], with w from the
+    target critic at (s', a' ~ pi) and, after a fall, w = 1 / P(absorbing) on absorbing goals only."""
+    rng = np.random.default_rng(0)
+    b, obs_dim, act_dim = 6, 3, 2
+    cfg = cvl.make_config("cpu", hidden=(16,), repr_dim=4, critic_loss="td", gamma=0.8, td_max_weight=3.0)
+    nets = cvl.make_networks(cfg, act_dim)
+    state = cvl.init_state(jax.random.key(0), cfg, nets, obs_dim, act_dim)
+    target = jax.tree.map(lambda x: x * 1.5 + 0.1, state.critic)  # a target different from the critic
+    state = state.replace(critic_target=target, critic={**state.critic, "absorbing": jnp.arange(4.0) / 4})
+    f32 = partial(jnp.asarray, dtype=jnp.float32)
+    batch = cvl.Batch(f32(rng.normal(size=(b, obs_dim))), f32(rng.uniform(-1, 1, (b, act_dim))),
+                      f32(rng.normal(size=(b, obs_dim))), jnp.array([0, 1, 0, 0, 1, 0], bool), f32(rng.normal(size=b)),
+                      f32(rng.normal(size=(b, obs_dim))), jnp.zeros(b, bool), jnp.array([0, 0, 1, 0, 0, 0], bool))
+    key = jax.random.key(5)
+    loss, (metrics, _) = cvl.critic_loss_td(state.critic, state, batch, key, cfg, nets, lambda x, *_: x)
+
+    def f(critic, s, a, g, absorbing):
+        phi = np.asarray(nets.phi.apply(critic["phi"], np.concatenate([s, a])[None]))[0]
+        psi = np.asarray(critic["absorbing"]) if absorbing else np.asarray(nets.psi.apply(critic["psi"], g[None]))[0]
+        return float(phi @ psi)
+
+    def bce(x, y):
+        return float(np.log1p(np.exp(-x))) if y else float(np.log1p(np.exp(x)))
+
+    mean, std = cvl.actor_dist(nets, state.actor, batch.next_observations, cfg.actor_min_std)
+    next_a = np.tanh(np.asarray(mean + std * jax.random.normal(key, mean.shape)))
+    s, a, g, nxt = (np.asarray(x) for x in (batch.observations, batch.actions, batch.goals, batch.next_observations))
+    absorbing = np.asarray(batch.absorbing)
+    total = 0.0
+    for i in range(b):
+        row = (1 - cfg.gamma) * bce(f(state.critic, s[i], a[i], nxt[i], False), 1)
+        for j in range(b):
+            if j == i:
+                continue
+            fij = f(state.critic, s[i], a[i], g[j], absorbing[j])
+            if bool(batch.done[i]):
+                w = absorbing[j] / absorbing.mean()
+            else:
+                w = math.exp(f(target, nxt[i], next_a[i], g[j], absorbing[j]))
+            row += (cfg.gamma * min(w, cfg.td_max_weight) * bce(fij, 1) + bce(fij, 0)) / (b - 1)
+        total += row / b
+    assert float(loss) == pytest.approx(total, rel=1e-4)
+
+
 @pytest.mark.parametrize("estimator", ["diag", "marginal", "normalized"])
 def test_actor_raises_its_q_estimate(tmp_path, raw_small, estimator):
     cfg = small_config(tmp_path / "x.hdf5", tmp_path, bc_coef=0.0, q_estimator=estimator)
