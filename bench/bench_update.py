@@ -82,8 +82,9 @@ def naive_updates_per_sec(cfg, nets, state, raw, min_seconds: float) -> float:
         u = rng.random(cfg.batch_size)
         k = np.clip(np.ceil(np.log1p(-u * (1 - cfg.gamma ** horizon)) / np.log(cfg.gamma)), 1, horizon).astype(int)
         j = t + k - 1
-        return cvl.Batch(data.observations[t], data.actions[t], data.next_observations[j], np.zeros(len(t), bool),
-                         data.rewards[j])
+        no = np.zeros(len(t), bool)
+        return cvl.Batch(data.observations[t], data.actions[t], data.next_observations[j], no, data.rewards[j],
+                         data.next_observations[t], no, no)
 
     no_shard = lambda x, *spec: x  # noqa: E731
     update = jax.jit(lambda s, b, k: cvl.learn_from_batch(s, b, k, cfg, nets, no_shard))

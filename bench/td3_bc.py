@@ -177,8 +177,10 @@ def update_step(state: TD3State, data: Transitions, cfg: TD3BCConfig, nets: Nets
 
 
 def make_train_fn(cfg: TD3BCConfig, nets: Nets):
-    """jit(scan(vmap(update))): n updates of K seeds in one call, as cvl.make_train_fn."""
-    update = jax.vmap(partial(update_step, cfg=cfg, nets=nets), in_axes=(0, None))
+    """jit(scan(vmap(update))): n updates of K seeds in one call, as cvl.make_train_fn (and like it, one seed runs
+    without the seed axis inside the step, which XLA's CPU matmuls are slower with)."""
+    update = partial(update_step, cfg=cfg, nets=nets)
+    update = jax.vmap(update, in_axes=(0, None)) if cfg.num_seeds > 1 else partial(cvl.without_seed_axis, update)
 
     def train_chunk(state, data, n):
         return jax.lax.scan(lambda s, _: update(s, data), state, None, length=n)
