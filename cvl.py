@@ -492,11 +492,16 @@ def actor_dist(nets: Networks, actor, s, min_std: float):
     return mean, jax.nn.softplus(pre_std) + min_std
 
 
-def tanh_gaussian_log_prob(mean, std, u):
-    """log pi(tanh(u)) for u ~ N(mean, std): Gaussian log density minus log|d tanh(u)/du|, summed over dims."""
+def tanh_gaussian_log_density(mean, std, u):
+    """Per dimension, log density of tanh(u) for u ~ N(mean, std): Gaussian log density minus log|d tanh(u)/du|."""
     gauss = -0.5 * ((u - mean) / std) ** 2 - jnp.log(std) - 0.5 * math.log(2 * math.pi)
     log_det = 2.0 * (math.log(2.0) - u - jax.nn.softplus(-2.0 * u))  # = log(1 - tanh(u)^2), stable
-    return jnp.sum(gauss - log_det, axis=-1)
+    return gauss - log_det
+
+
+def tanh_gaussian_log_prob(mean, std, u):
+    """log pi(tanh(u)) for u ~ N(mean, std), summed over dims."""
+    return jnp.sum(tanh_gaussian_log_density(mean, std, u), axis=-1)
 
 
 def eval_action(nets: Networks, actor, s):
@@ -625,13 +630,10 @@ def bc_nll(mean, std, actions):
     that the policy puts beyond it, P(tanh(u) >= BOUND), spread over the edge's width 1 - BOUND, so its pull stops
     once the policy saturates there.
     """
-    u = jnp.arctanh(jnp.clip(actions, -BOUND, BOUND))
-    gauss = -0.5 * ((u - mean) / std) ** 2 - jnp.log(std) - 0.5 * math.log(2 * math.pi)
-    log_det = 2.0 * (math.log(2.0) - u - jax.nn.softplus(-2.0 * u))  # = log(1 - tanh(u)^2), stable
-    edge = math.atanh(BOUND)
-    tail = jax.scipy.special.log_ndtr(jnp.sign(actions) * (mean - jnp.sign(actions) * edge) / std)
-    log_p = jnp.where(jnp.abs(actions) >= BOUND, tail - math.log(1 - BOUND), gauss - log_det)
-    return -jnp.sum(log_p, axis=-1)
+    inside = tanh_gaussian_log_density(mean, std, jnp.arctanh(jnp.clip(actions, -BOUND, BOUND)))
+    side = jnp.sign(actions)
+    beyond = jax.scipy.special.log_ndtr(side * (mean - side * math.atanh(BOUND)) / std) - math.log(1 - BOUND)
+    return -jnp.sum(jnp.where(jnp.abs(actions) >= BOUND, beyond, inside), axis=-1)
 
 
 def actor_loss_q(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):

@@ -545,7 +545,7 @@ def test_actor_moves_towards_what_a_frozen_critic_prefers(objective, flags):
     s = jnp.asarray(rng.normal(size=(b, obs_dim)), jnp.float32)
     a = jnp.asarray(rng.uniform(-0.9, 0.9, (b, act_dim)), jnp.float32)
     r = jnp.asarray(rng.normal(size=b), jnp.float32)
-    batch = cvl.Batch(s, a, s, jnp.zeros(b, bool), r)
+    batch = cvl.Batch(s, a, s, jnp.zeros(b, bool), r, s, jnp.zeros(b, bool), jnp.zeros(b, bool))
     psi = jnp.stack([r, jnp.zeros(b)], axis=1)  # f(s, a, g_j) = 4 a_0 r_j: goals with high reward favour high a_0
     phi = type("Phi", (), {"apply": staticmethod(lambda _, x: jnp.stack([4 * x[:, obs_dim], x[:, 0] * 0], 1))})()
 
