@@ -943,9 +943,11 @@ def load_checkpoint(path: Path) -> dict:
         raise
     except Exception as e:
         raise CVLError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is damaged") from None
-    if "absorbing" not in payload["state"]["critic"]:
-        raise CVLError(f"checkpoint {path} was written by a cvl.py without absorbing states (it modelled every "
-                       f"episode end as a time limit); evaluate it with that version, or start a new run")
+    missing = [f.name for f in dataclasses.fields(TrainState) if f.name not in payload["state"]]
+    if missing or "absorbing" not in payload["state"]["critic"]:
+        raise CVLError(f"checkpoint {path} was written by an older cvl.py (its train state has no "
+                       f"{', '.join(missing) or 'absorbing-state goal'}); evaluate it with the cvl.py that wrote it, "
+                       f"or start a new run")
     return payload
 
 

@@ -907,6 +907,24 @@ def test_checkpoint_write_is_atomic(tmp_path, dataset, monkeypatch):
     assert cvl.load_checkpoint(run_dir)["step"] == 50
 
 
+@pytest.mark.parametrize("drop", ["critic_target", "absorbing"])
+def test_a_checkpoint_from_an_older_version_is_refused_in_one_line(tmp_path, dataset, drop):
+    final = cvl.train(small_config(dataset, tmp_path, steps=50, eval_every=50))
+    path = Path(final["run_dir"]) / "checkpoint.msgpack"
+    import flax.serialization
+    payload = flax.serialization.msgpack_restore(path.read_bytes())
+    if drop == "absorbing":
+        del payload["state"]["critic"]["absorbing"]
+    else:
+        del payload["state"][drop]
+    path.write_bytes(flax.serialization.msgpack_serialize(payload))
+    before = path.read_bytes()
+    proc = run_cli("--evaluate", str(path.parent), check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "older cvl.py" in proc.stderr
+    assert (drop if drop != "absorbing" else "absorbing-state goal") in proc.stderr
+    assert path.read_bytes() == before  # nothing lost
+
+
 def test_evaluate_a_saved_policy_and_write_a_video(tmp_path, dataset):
     final = cvl.train(small_config(dataset, tmp_path, steps=50))
     proc = run_cli("--evaluate", final["run_dir"], "--eval-episodes", "3", "--video", tmp_path / "ep.mp4",
