@@ -1056,14 +1056,14 @@ def test_td3_bc_critic_loss_falls(raw_small):
 
 def test_td3_bc_cli_trains_evaluates_and_resumes(tmp_path, dataset):
     td3_bc = import_bench("td3_bc")
-    args = ["--dataset", str(dataset), "--eval-env", ENV_ID, "--steps", "200", "--eval-every", "100",
-            "--updates-per-call", "50", "--checkpoint-every", "100", "--eval-episodes", "2", "--num-seeds", "2",
+    args = ["--dataset", str(dataset), "--eval-env", ENV_ID, "--steps", "100", "--eval-every", "100",
+            "--updates-per-call", "50", "--checkpoint-every", "100", "--eval-episodes", "1", "--num-seeds", "2",
             "--hidden", "32", "32", "--batch-size", "64", "--out", str(tmp_path), "--no-progress"]
     final = td3_bc.main(args)
     run = Path(final["run_dir"])
     rows = read_rows(run)
-    assert [int(r["step"]) for r in rows] == [50, 100, 150, 200] and rows[-1]["score_s1"] != ""
+    assert [int(r["step"]) for r in rows] == [50, 100] and rows[-1]["score_s1"] != ""
     assert (run / "checkpoint.msgpack").exists() and (run / "learning_curve.png").exists()
-    extended = td3_bc.main(["--resume", str(run), "--steps", "300", "--no-progress"])
+    extended = td3_bc.main(["--resume", str(run), "--steps", "150", "--no-progress"])
     rows = read_rows(run)
-    assert [int(r["step"]) for r in rows] == [50, 100, 150, 200, 250, 300] and extended["step"] == 300
+    assert [int(r["step"]) for r in rows] == [50, 100, 150] and extended["step"] == 150
