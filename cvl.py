@@ -25,10 +25,14 @@ import difflib
 import json
 import math
 import os
+import re
+import shutil
 import signal
+import socket
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from dataclasses import dataclass, field
@@ -57,7 +61,8 @@ class Config:
     """Every knob of a run. Defaults are the paper's offline setting (the `paper` preset)."""
 
     # --- data
-    env: str = _flag("halfcheetah-medium-v2", "D4RL dataset name, e.g. hopper-medium-replay-v2 (see README).")
+    env: str = _flag("halfcheetah-medium-v2", "D4RL dataset name, e.g. hopper-medium-replay-v2, or a Minari dataset "
+                     "id, e.g. mujoco/hopper/medium-v0 (see README Data).")
     dataset: str = _flag("", "Path to a D4RL-layout .hdf5/.npz file; overrides --env as the data source.")
     eval_env: str = _flag("", "Gymnasium env id for evaluation; inferred from the dataset name when empty.")
     d4rl_url: str = _flag("", "Base URL of D4RL's files (a mirror); default $CVL_D4RL_URL, else D4RL's own host.")
@@ -76,7 +81,8 @@ class Config:
     td_max_weight: float = _flag(20.0, "With --critic-loss td: clip the bootstrap weights exp(f_target) here.")
     q_estimator: str = _flag("normalized", "normalized: sum_j softmax_j(f(s,a,g_j)) r_j over the batch's other rows' "
                              "goals, an estimate of (1 - gamma) Q; diag: exp(f(s,a,g_i)) r_i, row i's own goal "
-                             "(original code); marginal: mean_j exp(f(s,a,g_j)) r_j over the other rows' goals.", choices=("normalized", "diag", "marginal"))
+                             "(original code); marginal: mean_j exp(f(s,a,g_j)) r_j over the other rows' goals.",
+                             choices=("normalized", "diag", "marginal"))
     density_ratio: str = _flag("raw", "For --q-estimator diag or marginal. raw: Q from exp(f) as the original code; "
                                "corrected: (B-1) exp(f) with the nce critic, whose optimum is "
                                "exp(f) = p(g|s,a) / ((B-1) p(g)).",
@@ -94,7 +100,8 @@ class Config:
     awr_max_weight: float = _flag(100.0, "With --actor-objective awr: clip the weights exp(beta A) at this value.")
     alpha: float = _flag(0.0, "Entropy coefficient (0: no entropy bonus, as in the paper's offline setting).")
     auto_alpha: bool = _flag(False, "Tune alpha SAC-style towards entropy -|A| instead of a fixed --alpha.")
-    actor_min_std: float = _flag(1e-6, "Minimum std of the actor's Gaussian before tanh.")
+    actor_min_std: float = _flag(1e-6, "Lower bound of the std of the actor's Gaussian before tanh.")
+    actor_max_std: float = _flag(math.exp(2.0), "Upper bound of that std (SAC-style actors clip log std at 2).")
     # --- execution
     seed: int = _flag(0, "Seed for init, data sampling and evaluation envs (seeds seed..seed+K-1 with --num-seeds).")
     num_seeds: int = _flag(1, "Train K independent agents in one compiled program (vmap); report mean +- std.")
@@ -109,8 +116,10 @@ class Config:
     eval_episodes: int = _flag(10, "Episodes per evaluation, run as one vectorised env.")
     out: str = _flag("runs", "Root folder for run directories <out>/<env>__s<seed>__<time>/.")
     checkpoint_every: int = _flag(50_000, "Write a checkpoint every N steps (also on SIGINT/SIGTERM and at the end).")
-    resume: str = _flag("", "Continue the run in this run directory (its config is reused).")
+    resume: str = _flag("", "Continue the run in this run directory or checkpoint file (its config is reused).")
     evaluate: str = _flag("", "Only evaluate the policy in this run directory or checkpoint file; no training.")
+    inspect: bool = _flag(False, "Only look at the dataset: print its episodes, how they end, return quartiles, "
+                          "ranges and eval env, and write a histogram of episode returns to <out>/<data>_returns.png.")
     video: str = _flag("", "With --evaluate: write one episode to this .mp4 or .gif (offscreen MuJoCo).")
     video_steps: int = _flag(0, "With --video: record at most this many env steps (0: the whole episode).")
     progress: bool = _flag(True, "Show a tqdm progress bar.")
@@ -143,26 +152,79 @@ class Diverged(CVLError):
     """A loss or parameter became NaN/inf during training."""
 
 
+class Stopped(SystemExit):
+    """Training stopped by Ctrl-C or SIGTERM after saving its last finished step; exit code 128 + the signal."""
+
+
+class WriteError(CVLError):
+    """A file or folder could not be written (disk full, read-only, no permission)."""
+
+
+def write_file(path: Path, write, what: str) -> Path:
+    """Every file cvl.py writes goes through here. write(tmp) fills a temp file beside `path` (same suffix, for
+    writers that go by the extension), which is fsynced, then renamed over `path`. On any failure (disk full,
+    read-only, no permission) the temp file is removed, a previous `path` is left intact, and one line names the
+    file and the reason."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except Exception as e:  # OSError mostly; plotting and video libraries wrap it in their own types
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        reason = getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"
+        raise WriteError(f"cannot write {what} {path} ({reason})") from None
+    return path
+
+
+def make_dir(path: Path, what: str, fix: str = "choose a writable location") -> Path:
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as e:
+        raise WriteError(f"cannot create {what} {path} ({e.strerror or e}); {fix}") from None
+    return path
+
+
 def check_config(cfg: Config) -> None:
+    """Range-check every flag, on every path (train, --resume, --evaluate); one line per problem."""
+    def flag(name):
+        return "--" + name.replace("_", "-")
+
     positive = ("steps", "batch_size", "repr_dim", "num_seeds", "updates_per_call", "eval_every", "eval_episodes",
-                "checkpoint_every")
+                "checkpoint_every", "lr", "adam_eps", "actor_min_std", "awr_max_weight", "td_max_weight")
     for name in positive:
-        if getattr(cfg, name) <= 0:
-            raise CVLError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if not 0.0 < cfg.tau <= 1.0 or cfg.td_max_weight <= 0:
-        raise CVLError(f"--tau must be in (0, 1] and --td-max-weight positive, got {cfg.tau} and {cfg.td_max_weight}")
+        if not getattr(cfg, name) > 0:
+            raise CVLError(f"{flag(name)} must be positive, got {getattr(cfg, name)}")
+    for name in ("seed", "devices", "alpha", "awr_beta", "video_steps", "num_processes"):
+        if not getattr(cfg, name) >= 0:
+            raise CVLError(f"{flag(name)} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.process_id < -1:
+        raise CVLError(f"--process-id must be >= 0 (or -1: from the cluster), got {cfg.process_id}")
+    if not cfg.actor_max_std > cfg.actor_min_std:
+        raise CVLError(f"--actor-max-std must be above --actor-min-std, got {cfg.actor_max_std} <= "
+                       f"{cfg.actor_min_std}")
+    if not 0.0 < cfg.tau <= 1.0:
+        raise CVLError(f"--tau must be in (0, 1], got {cfg.tau}")
     if not 0.0 < cfg.gamma < 1.0:
         raise CVLError(f"--gamma must be in (0, 1), got {cfg.gamma}")
     if not 0.0 <= cfg.bc_coef <= 1.0:
         raise CVLError(f"--bc-coef must be in [0, 1], got {cfg.bc_coef}")
-    if cfg.awr_beta < 0 or cfg.awr_max_weight <= 0:
-        raise CVLError(f"--awr-beta must be >= 0 and --awr-max-weight > 0, got {cfg.awr_beta} and "
-                       f"{cfg.awr_max_weight}")
     if not cfg.hidden or min(cfg.hidden) <= 0:
         raise CVLError(f"--hidden needs one or more positive widths, got {cfg.hidden}")
     if cfg.density_ratio == "corrected" and cfg.q_estimator == "normalized":
         raise CVLError("--density-ratio corrected does nothing with --q-estimator normalized, whose softmax already "
                        "divides out exp(f)'s scale; drop it or pick --q-estimator diag or marginal")
+    if not cfg.dataset and not cfg.evaluate and not is_minari_id(cfg.env):  # an unknown name or a bad mirror
+        d4rl_urls(cfg.env, cfg.d4rl_url)  # fails here, before anything else
 
 
 # ========================================================================================================== data
@@ -178,15 +240,26 @@ D4RL_NAMES = [f"{env}-{kind}-v2" for env in D4RL_ENVS for kind in D4RL_KINDS]
 REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
 
 
-def d4rl_url(name: str, base: str = "") -> str:
-    """D4RL's download URL for a dataset name, e.g. halfcheetah-medium-v2 -> .../halfcheetah_medium-v2.hdf5."""
+def d4rl_urls(name: str, base: str = "") -> list[str]:
+    """Where D4RL's file for a dataset name may be, in the order tried, e.g. halfcheetah-medium-v2 ->
+    [BASE/gym_mujoco_v2/halfcheetah_medium-v2.hdf5] on D4RL's host. A mirror BASE is tried in D4RL's layout, then
+    flat (BASE/halfcheetah_medium-v2.hdf5, as e.g. a Hugging Face dataset repo keeps them); a BASE containing
+    {file} is used as given, with the file name put in its place."""
     if name not in D4RL_NAMES:
         close = difflib.get_close_matches(name, D4RL_NAMES, n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(D4RL_NAMES[:5])}, ..."
-        raise CVLError(f"unknown D4RL env {name!r}: {hint} (or pass --dataset PATH)")
+        raise CVLError(f"unknown D4RL env {name!r}: {hint} (or pass --dataset PATH, or a Minari id)")
     env, kind = name[: -len("-v2")].split("-", 1)
-    base = (base or os.environ.get("CVL_D4RL_URL") or D4RL_URL).rstrip("/")
-    return f"{base}/gym_mujoco_v2/{env}_{kind.replace('-', '_')}-v2.hdf5"
+    file = f"{env}_{kind.replace('-', '_')}-v2.hdf5"
+    source = "--d4rl-url" if base else "CVL_D4RL_URL"
+    mirror = base or os.environ.get("CVL_D4RL_URL", "")
+    base = (mirror or D4RL_URL).rstrip("/")
+    if urllib.parse.urlsplit(base).scheme not in ("http", "https", "file"):
+        raise CVLError(f"{source} {base!r} is not an http(s):// or file:// URL; give the mirror's base URL, e.g. "
+                       f"https://example.org/d4rl")
+    if "{file}" in base:
+        return [base.replace("{file}", file)]
+    return [f"{base}/gym_mujoco_v2/{file}"] + ([f"{base}/{file}"] if mirror else [])
 
 
 def d4rl_cache_dir() -> Path:
@@ -194,13 +267,29 @@ def d4rl_cache_dir() -> Path:
     return Path(os.environ.get("D4RL_DATASET_DIR", "~/.d4rl/datasets")).expanduser()
 
 
-def download(url: str, path: Path, chunk: int = 1 << 20) -> Path:
+class NotFound(CVLError):
+    """The server answered 404."""
+
+
+def download(urls: str | list[str], path: Path) -> Path:
+    """Download from the first of `urls` that exists (404: try the next)."""
+    urls = [urls] if isinstance(urls, str) else urls
+    for url in urls:
+        try:
+            return download_from(url, path)
+        except NotFound:
+            continue
+    raise CVLError(f"{' and '.join(urls)} do not exist (HTTP 404); check --d4rl-url (a mirror's base URL, or a URL "
+                   f"with {{file}} in place of the file name), or download the file yourself and place it at {path}")
+
+
+def download_from(url: str, path: Path, chunk: int = 1 << 20) -> Path:
     """Stream url into path + '.part' (resuming a previous partial download), verify, then rename to path.
 
     The final name only ever holds a complete, verified file; an interrupted transfer keeps only the .part file,
     which the next call resumes with an HTTP Range request.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent, "the D4RL dataset folder", "set D4RL_DATASET_DIR to a writable folder")
     part = path.with_name(path.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
@@ -217,13 +306,17 @@ def download(url: str, path: Path, chunk: int = 1 << 20) -> Path:
                 while block := response.read(chunk):
                     f.write(block)
                     bar.update(len(block))
-    except (urllib.error.URLError, OSError) as e:
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            raise NotFound(url) from None
+        raise CVLError(f"download of {url} failed ({e}); run again to resume, or {by_hand}") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
         raise CVLError(f"download of {url} failed ({e}); run again to resume, or {by_hand}") from None
     size = part.stat().st_size
     if total is not None and size != total:
         raise CVLError(f"download of {url} stopped at {size} of {total} bytes; run again to resume, or {by_hand}")
     try:
-        read_dataset_file(part, name_for_errors=url)
+        read_dataset_file(part, name_for_errors=url, fix="the server sent something else")
     except CVLError as e:
         part.unlink()
         raise CVLError(f"downloaded file from {url} is not a valid D4RL dataset ({e}); {by_hand}") from None
@@ -231,11 +324,18 @@ def download(url: str, path: Path, chunk: int = 1 << 20) -> Path:
     return path
 
 
-def read_dataset_file(path: Path, name_for_errors: str | None = None) -> dict[str, np.ndarray]:
-    """Read a D4RL-layout .hdf5 or .npz file into numpy arrays (required keys plus optional next_observations)."""
+def read_dataset_file(path: Path, name_for_errors: str | None = None,
+                      fix: str = "check that it is a complete .hdf5 or .npz file") -> dict[str, np.ndarray]:
+    """Read a D4RL-layout .hdf5 or .npz file into numpy arrays (required keys plus optional next_observations).
+    `fix` is the advice when the file cannot be read (for a downloaded file: delete it and download it again)."""
     where = name_for_errors or str(path)
-    if not Path(path).exists():
+    path = Path(path)
+    if not path.exists():
         raise CVLError(f"dataset file {where} does not exist; check the path or pass --env NAME to download one")
+    if path.is_dir():
+        raise CVLError(f"dataset {where} is a directory; pass the .hdf5 or .npz file inside it")
+    if not os.access(path, os.R_OK):
+        raise CVLError(f"dataset file {where} cannot be read (permission denied); check its permissions")
     keys = REQUIRED_KEYS + ("next_observations",)
     try:
         if str(path).endswith(".npz"):
@@ -247,8 +347,7 @@ def read_dataset_file(path: Path, name_for_errors: str | None = None) -> dict[st
             with h5py.File(path, "r") as f:
                 raw = {k: np.asarray(f[k]) for k in keys if k in f}
     except Exception as e:  # h5py/zipfile raise many types for a damaged file
-        raise CVLError(f"dataset file {where} cannot be read ({type(e).__name__}: {e}); it is corrupt or "
-                       f"partially downloaded: delete it and download it again") from None
+        raise CVLError(f"dataset file {where} cannot be read ({type(e).__name__}: {e}); {fix}") from None
     missing = [k for k in REQUIRED_KEYS if k not in raw]
     if missing:
         raise CVLError(f"dataset file {where} lacks key(s) {', '.join(missing)}; D4RL layout needs "
@@ -260,18 +359,97 @@ def resolve_dataset(cfg: Config) -> Path:
     """The dataset file for this config: --dataset, else the D4RL cache, downloading if needed."""
     if cfg.dataset:
         return Path(cfg.dataset).expanduser()
-    url = d4rl_url(cfg.env, cfg.d4rl_url)
-    path = d4rl_cache_dir() / url.rsplit("/", 1)[1]
-    return path if path.exists() else download(url, path)
+    urls = d4rl_urls(cfg.env, cfg.d4rl_url)
+    path = d4rl_cache_dir() / urls[0].rsplit("/", 1)[1]
+    return path if path.exists() else download(urls, path)
+
+
+# Minari (Farama's maintained home of offline RL data): a dataset id is namespace/name-vN, e.g. mujoco/hopper/medium-v0.
+MINARI_VERSION = "0.5.4"
+
+
+def is_minari_id(name: str) -> bool:
+    return "/" in name and re.fullmatch(r"[\w.-]+(/[\w.-]+)+-v\d+", name) is not None
+
+
+def minari_dir() -> Path:
+    """Minari's own dataset folder: $MINARI_DATASETS_PATH or ~/.minari/datasets."""
+    return Path(os.environ.get("MINARI_DATASETS_PATH", "~/.minari/datasets")).expanduser()
+
+
+def minari_dataset(name: str):
+    """The Minari dataset `name`, from minari_dir() when there, else downloaded by the minari package itself."""
+    try:
+        import minari
+    except ImportError:
+        raise CVLError(f"Minari ids need the minari package: pip install 'minari[hf]=={MINARI_VERSION}'") from None
+    local = minari.list_local_datasets()
+    if name not in local:
+        where = minari_dir() / name
+        try:
+            remote = minari.list_remote_datasets(prefix=name.split("/")[0])
+        except Exception as e:  # no network: minari's HTTP clients raise their own types
+            raise CVLError(f"Minari dataset {name!r} is not in {minari_dir()} and Minari's server cannot be reached "
+                           f"({type(e).__name__}); on a machine with internet run `minari download {name}` and copy "
+                           f"the folder to {where} (or set MINARI_DATASETS_PATH)") from None
+        if name not in remote:
+            close = difflib.get_close_matches(name, sorted({*local, *remote}), n=3, cutoff=0.5)
+            raise CVLError(f"unknown Minari dataset {name!r}: "
+                           + (f"did you mean {', '.join(close)}?" if close else "no local or remote id is close")
+                           + f" (local ones are in {minari_dir()})")
+        try:
+            minari.download_dataset(name)
+        except Exception as e:
+            raise CVLError(f"download of Minari dataset {name!r} failed ({type(e).__name__}: {e}); run again, or "
+                           f"download it elsewhere and copy it to {where}") from None
+    try:
+        return minari.load_dataset(name)
+    except Exception as e:
+        raise CVLError(f"Minari dataset {name!r} in {minari_dir()} cannot be read ({type(e).__name__}: {e}); "
+                       f"delete {minari_dir() / name} and run again to download it again") from None
+
+
+def minari_arrays(dataset) -> dict[str, np.ndarray]:
+    """Minari's episodes flattened into D4RL's arrays. An episode stores T + 1 observations and T of the rest, so
+    row t is (observations[t], actions[t], rewards[t], observations[t + 1]); terminations are D4RL's terminals and
+    truncations its timeouts. A terminated episode's last transition is kept, with its reward."""
+    parts: dict[str, list] = {k: [] for k in (*REQUIRED_KEYS, "next_observations")}
+    for ep in dataset.iterate_episodes():
+        if isinstance(ep.observations, dict) or isinstance(ep.actions, dict):
+            raise CVLError(f"Minari dataset {dataset.spec.dataset_id!r} has dict observations or actions; CVL needs "
+                           f"flat Box spaces")
+        obs = np.asarray(ep.observations, np.float32)
+        parts["observations"].append(obs[:-1])
+        parts["next_observations"].append(obs[1:])
+        parts["actions"].append(np.asarray(ep.actions, np.float32))
+        parts["rewards"].append(np.asarray(ep.rewards, np.float32))
+        parts["terminals"].append(np.asarray(ep.terminations, bool))
+        parts["timeouts"].append(np.asarray(ep.truncations, bool))
+    if not parts["observations"]:
+        raise CVLError(f"Minari dataset {dataset.spec.dataset_id!r} has no episodes")
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def minari_eval_spec(dataset, eval_env: str = "") -> tuple[str, float | None, float | None]:
+    """Eval env from the dataset's own env spec; normalised scores from its ref_min_score / ref_max_score (x 100,
+    to read like D4RL's)."""
+    meta = dataset.storage.metadata
+    spec = meta.get("eval_env_spec") or meta.get("env_spec")  # JSON of a gymnasium EnvSpec
+    if not eval_env and not spec:
+        raise CVLError(f"Minari dataset {dataset.spec.dataset_id!r} records no env; pass --eval-env")
+    lo, hi = meta.get("ref_min_score"), meta.get("ref_max_score")
+    return eval_env or json.loads(spec)["id"], None if lo is None else float(lo), None if hi is None else float(hi)
 
 
 def run_label(cfg: Config) -> str:
-    """Name of the data in logs and run folders: the D4RL name, or the dataset file's stem."""
-    return Path(cfg.dataset).stem.replace("_", "-") if cfg.dataset else cfg.env
+    """Name of the data in logs and run folders: the D4RL or Minari name, or the dataset file's stem."""
+    return Path(cfg.dataset).stem.replace("_", "-") if cfg.dataset else cfg.env.replace("/", "-")
 
 
 def eval_env_spec(cfg: Config) -> tuple[str, float | None, float | None]:
     """(gymnasium env id, reference min return, reference max return) for evaluation and normalised scores."""
+    if not cfg.dataset and is_minari_id(cfg.env):
+        return minari_eval_spec(minari_dataset(cfg.env), cfg.eval_env)
     family = run_label(cfg).split("-")[0].lower()
     if cfg.eval_env:
         by_env = {v[0].split("-")[0].lower(): v for v in D4RL_ENVS.values()}
@@ -299,7 +477,16 @@ def split_episodes(raw: dict[str, np.ndarray]) -> np.ndarray:
 def validate_dataset(raw: dict[str, np.ndarray], where: str, obs_dim: int, act_dim: int,
                      act_low: float = -1.0, act_high: float = 1.0, clip_tol: float = 1e-3) -> dict[str, np.ndarray]:
     """Check a dataset against the eval env; each problem is one line naming the file, key and row."""
+    for key, x in raw.items():
+        if x.ndim == 0 or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+            raise CVLError(f"{where}: key {key!r} holds {'a scalar' if x.ndim == 0 else x.dtype} values, not one "
+                           f"number (or vector) per row; store it as a numeric array with one row per transition")
     n = len(raw["observations"])
+    if n == 0:
+        raise CVLError(f"{where}: the dataset has no rows; it needs transitions in every key")
+    # D4RL's files store (N,) scalars; (N, 1) is a common variant of the same thing
+    raw = {k: x[:, 0] if k in ("rewards", "terminals", "timeouts") and x.shape[1:] == (1,) else x
+           for k, x in raw.items()}
     for key in raw:
         if len(raw[key]) != n:
             raise CVLError(f"{where}: key {key!r} has {len(raw[key])} rows but observations has {n}; "
@@ -308,8 +495,9 @@ def validate_dataset(raw: dict[str, np.ndarray], where: str, obs_dim: int, act_d
         if key in raw and (raw[key].ndim != 2 or raw[key].shape[1] != dim):
             raise CVLError(f"{where}: key {key!r} has shape {raw[key].shape} but the eval env needs (N, {dim}); "
                            f"pass the matching --eval-env")
-    if raw["rewards"].ndim != 1:
-        raise CVLError(f"{where}: key 'rewards' has shape {raw['rewards'].shape}; expected (N,)")
+    for key in ("rewards", "terminals", "timeouts"):
+        if raw[key].ndim != 1:
+            raise CVLError(f"{where}: key {key!r} has shape {raw[key].shape}; expected (N,), one value per row")
     for key in ("observations", "actions", "rewards", "next_observations"):
         if key in raw:
             bad = ~np.isfinite(raw[key].reshape(n, -1)).all(axis=1)
@@ -487,9 +675,11 @@ def critic_logits(nets: Networks, critic: dict, s, a, g, absorbing):
     return phi @ psi.T, psi
 
 
-def actor_dist(nets: Networks, actor, s, min_std: float):
+def actor_dist(nets: Networks, actor, s, cfg: Config):
+    """Mean and std of the Gaussian before tanh. The std is clipped to [actor_min_std, actor_max_std], i.e. log std
+    to a fixed range as SAC-style actors do, so no data (e.g. actions at the bounds) can drive it to 0 or infinity."""
     mean, pre_std = jnp.split(nets.actor.apply(actor, s), 2, axis=-1)
-    return mean, jax.nn.softplus(pre_std) + min_std
+    return mean, jnp.clip(jax.nn.softplus(pre_std), cfg.actor_min_std, cfg.actor_max_std)
 
 
 def tanh_gaussian_log_density(mean, std, u):
@@ -557,7 +747,7 @@ def critic_loss_td(critic, state, batch: Batch, key, cfg: Config, nets: Networks
     pos = jnp.sum(phi * psi_next, axis=-1)  # f(s_i, a_i, s'_i)
     logits = shard(phi @ psi.T, "data", None)  # f(s_i, a_i, g_j)
 
-    mean, std = actor_dist(nets, state.actor, batch.next_observations, cfg.actor_min_std)
+    mean, std = actor_dist(nets, state.actor, batch.next_observations, cfg)
     next_a = jnp.tanh(mean + std * jax.random.normal(key, mean.shape))
     target = state.critic_target
     f_next = (nets.phi.apply(target["phi"], jnp.concatenate([batch.next_observations, next_a], axis=-1))
@@ -639,7 +829,7 @@ def bc_nll(mean, std, actions):
 def actor_loss_q(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):
     """The paper: bc_coef * (-log pi(a_data|s)) + (1 - bc_coef) * (alpha log pi(a~|s) - Q(s, a~)), a~ ~ pi
     reparameterised, so the policy follows the critic's gradient in the action."""
-    mean, std = actor_dist(nets, actor, batch.observations, cfg.actor_min_std)
+    mean, std = actor_dist(nets, actor, batch.observations, cfg)
     u = mean + std * jax.random.normal(key, mean.shape)
     log_prob = tanh_gaussian_log_prob(mean, std, u)
     q = q_estimate(nets, critic, batch.observations, jnp.tanh(u), psi, batch.goal_rewards, cfg)
@@ -653,7 +843,7 @@ def actor_loss_awr(actor, critic, psi, nets: Networks, batch: Batch, key, alpha,
     w = min(exp(beta A / std(A)), max_weight), A(s, a) = Q(s, a_data) - mean of Q(s, a~) over a few a~ ~ pi.
     The critic is asked about dataset actions, where it was trained, and never differentiated in the action; the
     batch's std of A makes beta free of the reward scale, so one beta serves every dataset."""
-    mean, std = actor_dist(nets, actor, batch.observations, cfg.actor_min_std)
+    mean, std = actor_dist(nets, actor, batch.observations, cfg)
     u = mean + std * jax.random.normal(key, mean.shape)
     log_prob = tanh_gaussian_log_prob(mean, std, u)
     samples = jax.lax.stop_gradient(mean + std * jax.random.normal(jax.random.fold_in(key, 1), (4, *mean.shape)))
@@ -737,7 +927,8 @@ def learn_from_batch(state: TrainState, batch: Batch, k_actor, cfg: Config, nets
     critic = optax.apply_updates(state.critic, critic_updates)
     new_state = state.replace(
         critic=critic, critic_target=optax.incremental_update(critic, state.critic_target, cfg.tau),
-        actor=optax.apply_updates(state.actor, actor_updates), log_alpha=log_alpha, critic_opt=critic_opt, actor_opt=actor_opt, alpha_opt=alpha_opt, step=state.step + 1)
+        actor=optax.apply_updates(state.actor, actor_updates), log_alpha=log_alpha, critic_opt=critic_opt,
+        actor_opt=actor_opt, alpha_opt=alpha_opt, step=state.step + 1)
     return new_state, metrics
 
 
@@ -858,29 +1049,36 @@ def per_seed_columns(name: str, values: np.ndarray) -> dict[str, float]:
 
 
 class MetricsLog:
-    """metrics.csv: one row per jitted call (step, wall time, every metric), eval columns at eval steps."""
+    """metrics.csv: one row per jitted call (step, wall time, every metric), eval columns at eval steps.
+
+    A row is appended in O(1); the file is rewritten only when a row brings a column the header lacks (the
+    first evaluation's)."""
 
     def __init__(self, path: Path, rows: list[dict]):
         self.path, self.rows = path, list(rows)
         self._rewrite()
 
     def _rewrite(self):
-        keys = list(dict.fromkeys(k for row in self.rows for k in row))
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(tmp, self.path)
-        self.keys = keys
+        self.keys = list(dict.fromkeys(k for row in self.rows for k in row))
+
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.keys, restval="")
+                writer.writeheader()
+                writer.writerows(self.rows)
+
+        write_file(self.path, write, "metrics")
 
     def append(self, row: dict):
         self.rows.append(row)
-        if list(row) != self.keys:  # columns appear at the first evaluation: rewrite with the wider header
+        if not row.keys() <= set(self.keys):
             self._rewrite()
             return
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.keys).writerow(row)
+        try:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.keys, restval="").writerow(row)
+        except OSError as e:
+            raise WriteError(f"cannot write metrics {self.path} ({e.strerror or e})") from None
 
 
 def plot_learning_curve(rows: list[dict], path: Path, title: str) -> None:
@@ -905,8 +1103,10 @@ def plot_learning_curve(rows: list[dict], path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        write_file(path, lambda tmp: fig.savefig(tmp, dpi=110), "the learning curve")
+    finally:
+        plt.close(fig)
 
 
 def to_host_state(state: TrainState) -> TrainState:
@@ -915,34 +1115,40 @@ def to_host_state(state: TrainState) -> TrainState:
 
 
 def save_checkpoint(run_dir: Path, state: TrainState, cfg: Config, rows: list[dict]) -> Path:
-    """Atomic: write a temp file, fsync, rename. A crash mid-write leaves the previous checkpoint intact."""
+    """Atomic (write_file): a crash or a full disk mid-write leaves the previous checkpoint intact."""
     path = run_dir / "checkpoint.msgpack"
     host = to_host_state(state)
     payload = {"state": flax.serialization.to_state_dict(host), "step": int(np.max(host.step)),
                "config": json.dumps(dataclasses.asdict(cfg)), "rows": json.dumps(rows)}
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(flax.serialization.msgpack_serialize(payload))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_file(path, lambda tmp: tmp.write_bytes(flax.serialization.msgpack_serialize(payload)),
+                      "the checkpoint")
 
 
 def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if path.is_dir():
+        if not (path / "checkpoint.msgpack").exists() and (path / "config.json").exists():
+            raise CVLError(f"run {path} stopped before its first checkpoint, so there is nothing to resume or "
+                           f"evaluate; start it again with the flags in its config.json")
         path = path / "checkpoint.msgpack"
     if not path.exists():
         raise CVLError(f"no checkpoint at {path}; pass a run directory written by cvl.py or its checkpoint file")
     try:
-        payload = flax.serialization.msgpack_restore(path.read_bytes())
+        blob = path.read_bytes()
+    except OSError as e:
+        raise CVLError(f"checkpoint {path} cannot be read ({e.strerror or e}); check its permissions") from None
+    if blob[:4] == b"\x89HDF" or blob[:2] == b"PK":
+        raise CVLError(f"{path} is a dataset file, not a checkpoint; pass a run directory written by cvl.py (or "
+                       f"its checkpoint.msgpack)")
+    try:
+        payload = flax.serialization.msgpack_restore(blob)
         payload["config"] = config_from_dict(json.loads(payload["config"]))
         payload["rows"] = json.loads(payload["rows"])
     except CVLError:
         raise
     except Exception as e:
-        raise CVLError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is damaged") from None
+        what = "it is damaged" if path.name == "checkpoint.msgpack" else "it is not a checkpoint written by cvl.py"
+        raise CVLError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); {what}") from None
     missing = [f.name for f in dataclasses.fields(TrainState) if f.name not in payload["state"]]
     if missing or "absorbing" not in payload["state"]["critic"]:
         raise CVLError(f"checkpoint {path} was written by an older cvl.py (its train state has no "
@@ -977,8 +1183,41 @@ def new_run_dir(cfg: Config) -> Path:
     run_dir, i = base, 1
     while run_dir.exists():
         run_dir, i = base.with_name(f"{base.name}-{i}"), i + 1
-    run_dir.mkdir(parents=True)
+    make_dir(Path(cfg.out), "the run folder --out", "pass a writable --out")
+    try:
+        run_dir.mkdir()
+    except OSError as e:
+        raise WriteError(f"cannot create the run directory {run_dir} ({e.strerror or e}); pass a writable --out") \
+            from None
     return run_dir
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold an exclusive lock on run_dir while a run trains, so a second cvl.py on the same run (two --resume at
+    once) stops at once with one line naming the holder, instead of both writing metrics.csv and checkpoints."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX (Windows): runs are not locked
+        yield
+        return
+    try:
+        f = open(run_dir / "lock", "a+")
+    except OSError as e:
+        raise WriteError(f"cannot write the lock file in {run_dir} ({e.strerror or e})") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise CVLError(f"run {run_dir} is in use by {holder}; wait for it to finish (or stop it), then "
+                           f"--resume it") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"cvl.py (pid {os.getpid()} on {socket.gethostname()})")
+        f.flush()
+        yield  # closing the file releases the lock
 
 
 # ========================================================================================================= main
@@ -1000,24 +1239,108 @@ def env_spaces(env_id: str) -> tuple[int, int, float, float]:
             env = gym.make(env_id)
     except gym.error.Error as e:
         raise CVLError(f"cannot make eval env {env_id!r} ({e}); pass a gymnasium id with --eval-env") from None
-    spaces = (env.observation_space.shape[0], env.action_space.shape[0], float(env.action_space.low.min()),
-              float(env.action_space.high.max()))
+    obs_space, act_space = env.observation_space, env.action_space
     env.close()
+    if not (isinstance(obs_space, gym.spaces.Box) and isinstance(act_space, gym.spaces.Box)
+            and len(obs_space.shape) == 1 and len(act_space.shape) == 1):
+        raise CVLError(f"eval env {env_id!r} has observation space {obs_space} and action space {act_space}; CVL "
+                       f"needs flat continuous (Box) spaces, e.g. --eval-env Hopper-v4")
+    spaces = (obs_space.shape[0], act_space.shape[0], float(act_space.low.min()), float(act_space.high.max()))
     return spaces
+
+
+def load_raw(cfg: Config) -> tuple[dict[str, np.ndarray], str, tuple[str, float | None, float | None]]:
+    """(arrays, where they came from, (eval env, reference min return, reference max return)), not yet validated."""
+    if not cfg.dataset and is_minari_id(cfg.env):
+        dataset = minari_dataset(cfg.env)
+        return minari_arrays(dataset), f"Minari dataset {cfg.env}", minari_eval_spec(dataset, cfg.eval_env)
+    spec = eval_env_spec(cfg)
+    path = resolve_dataset(cfg)
+    fix = ("check that it is a complete .hdf5 or .npz file" if cfg.dataset
+           else "delete it and run again to download it again")
+    return read_dataset_file(path, fix=fix), str(path), spec
 
 
 def load_env_data(cfg: Config):
     """Dataset, eval env and dimensions, validated against each other."""
-    env_id, ref_min, ref_max = eval_env_spec(cfg)
-    path = resolve_dataset(cfg)
+    raw, where, (env_id, ref_min, ref_max) = load_raw(cfg)
     obs_dim, act_dim, low, high = env_spaces(env_id)
-    raw = validate_dataset(read_dataset_file(path), str(path), obs_dim, act_dim, low, high)
+    raw = validate_dataset(raw, where, obs_dim, act_dim, low, high)
     return make_data(raw), (env_id, ref_min, ref_max), obs_dim, act_dim
+
+
+def inspect_dataset(cfg: Config) -> dict:
+    """--inspect: what the dataset holds, loaded and validated exactly as for training; no training."""
+    raw, where, (env_id, ref_min, ref_max) = load_raw(cfg)
+    obs_dim, act_dim, low, high = env_spaces(env_id)
+    raw = validate_dataset(raw, where, obs_dim, act_dim, low, high)
+    ends = np.unique(split_episodes(raw))
+    starts = np.r_[0, ends[:-1] + 1]
+    lengths, returns = ends - starts + 1, np.add.reduceat(raw["rewards"].astype(np.float64), starts)
+    fell = raw["terminals"][ends].astype(bool)
+    timed_out = raw["timeouts"][ends].astype(bool) & ~fell
+    quartiles = (0, 25, 50, 75, 100)
+
+    def spread(x, fmt):
+        return ", ".join(f"{name} {v:{fmt}}" for name, v in zip(("min", "25%", "median", "75%", "max"),
+                                                                 np.percentile(x, quartiles)))
+
+    obs, act = raw["observations"], raw["actions"]
+    at_bound = np.mean(np.abs(act) >= BOUND)
+    lines = [
+        f"cvl: inspect {where}",
+        f"  transitions     {len(obs):,} ({len(rows_with_future(*goal_ranges(raw))):,} with a future goal)",
+        f"  episodes        {len(ends):,}: {fell.sum():,} end by termination, {timed_out.sum():,} by time limit, "
+        f"{len(ends) - fell.sum() - timed_out.sum():,} otherwise (an observation break or the end of the file)",
+        f"  length          {spread(lengths, ',.0f')}",
+        f"  return          {spread(returns, ',.1f')}",
+    ]
+    if ref_min is not None:
+        lines.append(f"  normalised      {spread(normalized_score(returns, ref_min, ref_max), '.1f')}")
+    lines += [
+        f"  observations    {obs_dim} dims, from {obs.min():.3g} (dim {int(obs.min(axis=0).argmin())}) to "
+        f"{obs.max():.3g} (dim {int(obs.max(axis=0).argmax())})",
+        f"  actions         {act_dim} dims, per dim " + " ".join(
+            f"[{lo:.2f}, {hi:.2f}]" for lo, hi in zip(act.min(axis=0), act.max(axis=0)))
+        + f"; {100 * at_bound:.1f}% of entries at a bound (|a| >= {BOUND})",
+        f"  eval env        {env_id}; " + (f"reference returns {ref_min:g} (score 0) and {ref_max:g} (score 100)"
+                                           if ref_min is not None else "no reference returns: scores are NaN"),
+    ]
+    path = make_dir(Path(cfg.out), "the folder --out", "pass a writable --out") / f"{run_label(cfg)}_returns.png"
+    plot_returns(returns, path, f"{run_label(cfg)}: {len(ends):,} episodes", ref_min, ref_max)
+    lines.append(f"  wrote           {path}")
+    print("\n".join(lines), flush=True)
+    return dict(transitions=len(obs), episodes=len(ends), terminated=int(fell.sum()), timed_out=int(timed_out.sum()),
+                lengths=lengths, returns=returns, eval_env=env_id, ref_min=ref_min, ref_max=ref_max, plot=str(path))
+
+
+def plot_returns(returns, path: Path, title: str, ref_min, ref_max) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.hist(returns, bins=min(50, max(5, len(returns) // 5)), color="tab:blue", alpha=0.8)
+    ax.set_xlabel("episode return")
+    ax.set_ylabel("episodes")
+    if ref_min is not None:
+        top = ax.secondary_xaxis("top", functions=(lambda r: normalized_score(r, ref_min, ref_max),
+                                                   lambda x: ref_min + np.asarray(x) * (ref_max - ref_min) / 100))
+        top.set_xlabel("normalised score")
+    ax.set_title(title)
+    fig.tight_layout()
+    try:
+        write_file(path, lambda tmp: fig.savefig(tmp, dpi=110), "the return histogram")
+    finally:
+        plt.close(fig)
 
 
 def train(cfg: Config) -> dict:
     """Train (or resume) a run and return its final metrics. Usable from a notebook: train(make_config("cpu"))."""
     check_config(cfg)
+    if cfg.dataset:  # absolute, so the run resumes from any folder
+        cfg = dataclasses.replace(cfg, dataset=str(Path(cfg.dataset).expanduser().resolve()))
     init_distributed(cfg)
     lead = jax.process_index() == 0
     data, (env_id, ref_min, ref_max), obs_dim, act_dim = load_env_data(cfg)
@@ -1025,32 +1348,62 @@ def train(cfg: Config) -> dict:
     nets = make_networks(cfg, act_dim)
     seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
     state = init_states(cfg, nets, seeds, obs_dim, act_dim)
-
-    rows, elapsed = [], 0.0
-    if cfg.resume:
-        run_dir = Path(cfg.resume)
-        ckpt = load_checkpoint(run_dir)
-        state, rows = restore_state(state, ckpt["state"]), ckpt["rows"]
-        elapsed = rows[-1]["wall_time"] if rows else 0.0
+    fresh = not cfg.resume
+    if cfg.resume:  # a run directory, or the checkpoint file in one
+        run_dir = Path(cfg.resume).parent if Path(cfg.resume).is_file() else Path(cfg.resume)
     else:
         run_dir = new_run_dir(cfg) if lead else Path(cfg.out)
-    if lead:
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        log = MetricsLog(run_dir / "metrics.csv", rows)
-        print(f"cvl: {run_label(cfg)}: {len(data.anchors):,} transitions with a future, eval on {env_id}, "
-              f"{cfg.num_seeds} seed(s) on {mesh.devices.size} device(s) -> {run_dir}", flush=True)
+    with contextlib.ExitStack() as cleanup:
+        if lead:
+            cleanup.enter_context(run_lock(run_dir))
+        rows, elapsed = [], 0.0
+        if cfg.resume:
+            ckpt = load_checkpoint(run_dir)
+            if cfg.steps < ckpt["step"]:
+                raise CVLError(f"--steps {cfg.steps} is below the {ckpt['step']} steps run {run_dir} has done; "
+                               f"pass --steps {ckpt['step']} or more to extend it")
+            state, rows = restore_state(state, ckpt["state"]), ckpt["rows"]
+            elapsed = rows[-1]["wall_time"] if rows else 0.0
+        state = replicate(to_host_state(state), mesh)
+        state = state.replace(key=jax.random.wrap_key_data(state.key))
+        log = None
+        if lead:
+            try:
+                write_file(run_dir / "config.json", lambda tmp: tmp.write_text(
+                    json.dumps(dataclasses.asdict(cfg), indent=2)), "the run's config")
+                log = MetricsLog(run_dir / "metrics.csv", rows)
+                if fresh:  # so that a run stopped at any point can be resumed
+                    save_checkpoint(run_dir, state, cfg, log.rows)
+            except WriteError:
+                if fresh:  # nothing to keep: leave no half-made run behind
+                    cleanup.callback(shutil.rmtree, run_dir, ignore_errors=True)
+                raise
+            print(f"cvl: {run_label(cfg)}: {len(data.anchors):,} transitions with a future, eval on {env_id}, "
+                  f"{cfg.num_seeds} seed(s) on {mesh.devices.size} device(s) -> {run_dir}", flush=True)
+        run = dict(cfg=cfg, lead=lead, run_dir=run_dir, log=log, nets=nets, seeds=seeds, env=(env_id, ref_min, ref_max))
+        return train_loop(state, replicate(data, mesh), make_train_fn(cfg, nets, mesh), elapsed, **run)
+
+
+def train_loop(state, data, train_chunk, elapsed, *, cfg, lead, run_dir, log, nets, seeds, env) -> dict:
+    """for each chunk: state = scan(update) on device; log, evaluate and checkpoint between chunks."""
+    env_id, ref_min, ref_max = env
+    step = saved_step = int(np.max(to_host(state.step)))
     wandb_run = None
     if cfg.wandb and lead:
         import wandb
 
         wandb_run = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), name=run_dir.name)
 
-    data, state = replicate(data, mesh), replicate(to_host_state(state), mesh)
-    state = state.replace(key=jax.random.wrap_key_data(state.key))
-    train_chunk = make_train_fn(cfg, nets, mesh)
-    step = int(np.max(to_host(state.step)))
+    def checkpoint(state, step):
+        nonlocal saved_step
+        try:
+            save_checkpoint(run_dir, state, cfg, log.rows)
+        except WriteError as e:
+            raise WriteError(f"{e}; the last good checkpoint (step {saved_step}) in {run_dir} is kept: free space, "
+                             f"then continue with: python cvl.py --resume {run_dir}") from None
+        saved_step = step
 
-    stop = {}  # set by SIGINT/SIGTERM; checked between jitted calls
+    stop = {}  # set by SIGINT/SIGTERM; the wait for a jitted call polls it
     handlers = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
@@ -1067,13 +1420,15 @@ def train(cfg: Config) -> dict:
                     cfg.checkpoint_every - step % cfg.checkpoint_every)
             t0 = time.perf_counter()
             new_state, metrics, finite = train_chunk(state, data, n)
+            if not ready_unless_stopped((metrics, finite), stop):  # one XLA execution: new_state is ready with them
+                raise KeyboardInterrupt  # `state`, from before this call, is complete: save it and exit now
             metrics, finite = to_host(metrics), to_host(finite)
             dt = time.perf_counter() - t0
             try:
                 check_finite(metrics, finite, step, seeds, run_dir)
             except Diverged:
                 if lead:  # the state before this call is the last good one: keep it
-                    save_checkpoint(run_dir, state, cfg, log.rows)
+                    checkpoint(state, step)
                 raise
             state, step = new_state, step + n
             row = {"step": step, "wall_time": round(time.perf_counter() - start, 3), "updates_per_sec": n / dt}
@@ -1086,7 +1441,11 @@ def train(cfg: Config) -> dict:
                 row.update(per_seed_columns("score", normalized_score(returns.mean(axis=1), ref_min, ref_max)))
                 last_score = row["score"]
             if lead:
-                log.append(row)
+                try:
+                    log.append(row)
+                except WriteError as e:  # the rows live on in memory and in the checkpoint
+                    raise WriteError(f"{e}; the last good checkpoint (step {saved_step}) in {run_dir} is kept: free "
+                                     f"space, then continue with: python cvl.py --resume {run_dir}") from None
                 if wandb_run is not None:
                     wandb_run.log(row, step=step)
             bar.update(n)
@@ -1094,16 +1453,17 @@ def train(cfg: Config) -> dict:
                             acc=f"{row['categorical_accuracy']:.2f}", ups=f"{n / dt:.0f}",
                             score="-" if last_score is None else f"{last_score:.1f}")
             if lead and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-                save_checkpoint(run_dir, state, cfg, log.rows)
+                checkpoint(state, step)
             if stop:
                 raise KeyboardInterrupt
-    except KeyboardInterrupt:  # a signal between calls, or Ctrl-C inside one: `state` is the last finished step
+    except KeyboardInterrupt:  # a signal, or Ctrl-C outside a jitted call: `state` is the last finished step
         bar.close()
         if lead:
-            save_checkpoint(run_dir, state, cfg, log.rows)
+            if saved_step != step:
+                checkpoint(state, step)
             print(f"cvl: interrupted at step {step}; checkpoint saved. Continue with: "
                   f"python cvl.py --resume {run_dir}", file=sys.stderr, flush=True)
-        raise SystemExit(128 + stop.get("signal", signal.SIGINT)) from None
+        raise Stopped(128 + stop.get("signal", signal.SIGINT)) from None
     finally:
         bar.close()
         for sig, handler in handlers.items():
@@ -1113,12 +1473,28 @@ def train(cfg: Config) -> dict:
 
     final = dict(log.rows[-1]) if lead else {}
     if lead:
-        plot_learning_curve(log.rows, run_dir / "learning_curve.png", f"CVL on {run_label(cfg)}")
+        try:
+            plot_learning_curve(log.rows, run_dir / "learning_curve.png", f"CVL on {run_label(cfg)}")
+        except WriteError as e:  # the run itself is complete and saved
+            print(f"cvl: warning: {e}; the run is complete, its metrics.csv and checkpoint are saved",
+                  file=sys.stderr, flush=True)
         spread = f" +- {final['score_std']:.1f} over {len(seeds)} seeds" if "score_std" in final else ""
         print(f"cvl: done at step {step}: normalised score {final.get('score', float('nan')):.1f}{spread}, "
               f"return {final.get('return_mean', float('nan')):.1f}; results in {run_dir}", flush=True)
     final["run_dir"] = str(run_dir)
     return final
+
+
+def ready_unless_stopped(outputs, stop: dict) -> bool:
+    """Wait for a dispatched jitted call, polling so that Ctrl-C or SIGTERM is handled at once rather than after
+    the call (minutes at the paper preset on a CPU). True once the outputs are ready, False if a signal came
+    first."""
+    leaves = jax.tree.leaves(outputs)
+    while not stop:
+        if all(x.is_ready() for x in leaves):
+            return True
+        time.sleep(0.005)
+    return False
 
 
 def check_finite(metrics: dict, finite: np.ndarray, step: int, seeds: list[int], run_dir: Path) -> None:
@@ -1185,11 +1561,11 @@ def record_episode(actor, nets: Networks, env_id: str, seed: int, size=(480, 360
 def write_video(frames, path: Path, fps: int = 30) -> None:
     import imageio.v2 as imageio
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent, "the video's folder")
     if path.suffix.lower() == ".gif":
-        imageio.mimsave(path, frames, duration=1000 / fps, loop=0)
+        write_file(path, lambda tmp: imageio.mimsave(tmp, frames, duration=1000 / fps, loop=0), "the video")
     else:
-        imageio.mimsave(path, frames, fps=fps, macro_block_size=1)
+        write_file(path, lambda tmp: imageio.mimsave(tmp, frames, fps=fps, macro_block_size=1), "the video")
 
 
 # ===================================================================================================== the CLI
@@ -1218,11 +1594,18 @@ def parse_args(argv: Sequence[str] | None = None):
 
 
 def resume_config(run_dir: str, **given) -> Config:
-    """The saved config of run_dir; a given value that contradicts it is an error naming the flag."""
-    saved = load_checkpoint(Path(run_dir))["config"]
+    """The saved config of run_dir (or of the run its checkpoint file is in); a given value that contradicts it is an
+    error naming the flag."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        run_dir = run_dir.parent
+    saved = load_checkpoint(run_dir)["config"]
     may_change = {"resume", "progress", "wandb", "wandb_project", "steps"}
     for name, value in given.items():
-        if name not in may_change and getattr(saved, name) != value:
+        same = getattr(saved, name) == value
+        if name == "dataset":  # the same file, however it is spelled
+            same = Path(value).expanduser().resolve() == Path(saved.dataset).expanduser().resolve()
+        if name not in may_change and not same:
             raise CVLError(f"--{name.replace('_', '-')} {value} contradicts the run being resumed "
                            f"({getattr(saved, name)}); drop the flag or start a new run")
     return dataclasses.replace(saved, resume=str(run_dir), **{k: v for k, v in given.items() if k in may_change})
@@ -1235,7 +1618,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if given.get("evaluate"):
         os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set before mujoco is imported
         cfg = make_config(given.get("preset", "paper"), **{k: v for k, v in given.items() if k != "preset"})
+        check_config(cfg)
+        if cfg.video:
+            video = Path(cfg.video)
+            if video.suffix.lower() not in (".mp4", ".gif"):
+                raise CVLError(f"--video {video} must end in .mp4 or .gif")
+            make_dir(video.parent, "the video's folder")  # before the evaluation, not after it
         return evaluate_checkpoint(cfg.evaluate, cfg.eval_episodes, cfg.video, cfg.video_steps)
+    if given.get("inspect"):
+        cfg = make_config(given.pop("preset", "paper"), **given)
+        check_config(cfg)
+        return inspect_dataset(cfg)
     if given.get("resume"):
         return train(resume_config(given.pop("resume"), **given))
     return train(make_config(given.pop("preset", "paper"), **given))
@@ -1247,3 +1640,7 @@ if __name__ == "__main__":
     except CVLError as e:
         print(f"cvl: error: {e}", file=sys.stderr)
         sys.exit(3 if isinstance(e, Diverged) else 2)
+    except Stopped as e:  # saved; exit now rather than wait at shutdown for the jitted call still running
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(e.code)

@@ -99,7 +99,8 @@ def main(argv=None):
             return jnp.exp(cvl.off_diagonal(f)).sum(axis=1) / (b - 1)
 
         zs = per_batch(z)
-        result = dict(seed=seed, z_mean=float(zs.mean()), z_std=float(zs.std()), z_corr=correlations(zs, ret[rows]))
+        result = dict(seed=seed, rows=rows, mc_return=ret[rows], z_mean=float(zs.mean()), z_std=float(zs.std()),
+                      z_corr=correlations(zs, ret[rows]))
         if cfg.actor_objective == "q":
             result["grad_ratio"] = actor_gradient_ratio(nets, critic, actor, data, cfg, jax.random.key(args.seed))
         print(f"  seed {seed}: Z(s, a) mean {zs.mean():.3g} (1/(B-1) = {1 / (b - 1):.3g}) std {zs.std():.3g}, "
@@ -108,7 +109,7 @@ def main(argv=None):
         for name in cvl.Q_ESTIMATORS:
             q_data, q_rand = q(a, name), q(a_rand, name)
             result[name] = dict(corr=correlations(q_data, ret[rows]), beats_random=float(np.mean(q_data > q_rand)),
-                                q_mean=float(q_data.mean()))
+                                q_mean=float(q_data.mean()), q=q_data, q_random=q_rand)
             mark = "*" if name == cfg.q_estimator else " "
             print(f"   {mark}{name:>10}: corr(Q, MC return) {show(result[name]['corr'])} | "
                   f"Q(a_data) > Q(a_random) {result[name]['beats_random']:.3f} | Q mean {q_data.mean():.3g}")

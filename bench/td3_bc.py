@@ -170,7 +170,8 @@ def update_step(state: TD3State, data: Transitions, cfg: TD3BCConfig, nets: Nets
         return jax.tree.map(lambda a, b: jnp.where(delayed, a, b), new, old)
 
     new_state = state.replace(
-        critic=critic, critic_opt=critic_opt, actor=pick(actor, state.actor), actor_opt=pick(actor_opt, state.actor_opt),
+        critic=critic, critic_opt=critic_opt, actor=pick(actor, state.actor),
+        actor_opt=pick(actor_opt, state.actor_opt),
         actor_target=pick(polyak(actor, state.actor_target), state.actor_target),
         critic_target=pick(polyak(critic, state.critic_target), state.critic_target), key=key, step=state.step + 1)
     return new_state, {**metrics, **actor_metrics}
@@ -191,10 +192,13 @@ def make_train_fn(cfg: TD3BCConfig, nets: Nets):
 # ================================================================================================== main
 def save(run_dir: Path, state: TD3State, cfg: TD3BCConfig, rows: list[dict], stats) -> None:
     cvl.save_checkpoint(run_dir, state, cfg, rows)  # atomic; its "config" is this config
-    np.savez(run_dir / "normalizer.npz", mean=stats[0], std=stats[1])
+    cvl.write_file(run_dir / "normalizer.npz", lambda tmp: np.savez(tmp, mean=stats[0], std=stats[1]),
+                   "the state normaliser")
 
 
 def train(cfg: TD3BCConfig, resume: str = "") -> dict:
+    if cfg.dataset:  # absolute, so the run resumes from any folder
+        cfg = dataclasses.replace(cfg, dataset=str(Path(cfg.dataset).expanduser().resolve()))
     dcfg = cfg.data_config()
     cvl.check_config(dcfg)
     data, (env_id, ref_min, ref_max), obs_dim, act_dim = cvl.load_env_data(dcfg)
@@ -211,7 +215,8 @@ def train(cfg: TD3BCConfig, resume: str = "") -> dict:
         state, rows = cvl.restore_state(state, payload["state"]), json.loads(payload["rows"])
     else:
         run_dir = cvl.new_run_dir(dcfg)
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    cvl.write_file(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2)),
+                   "the run's config")
     log = cvl.MetricsLog(run_dir / "metrics.csv", rows)
     print(f"td3_bc: {cvl.run_label(dcfg)}: {len(transitions.rows):,} transitions, eval on {env_id}, "
           f"{len(seeds)} seed(s) -> {run_dir}", flush=True)
@@ -241,7 +246,8 @@ def train(cfg: TD3BCConfig, resume: str = "") -> dict:
             raise cvl.Diverged(f"non-finite critic loss by step {step}; the last checkpoint in {run_dir} is kept")
         log.append(row)
         bar.update(n)
-        bar.set_postfix(critic=f"{row['critic_loss']:.3g}", ups=f"{n / dt:.0f}", score=f"{row.get('score', np.nan):.1f}")
+        bar.set_postfix(critic=f"{row['critic_loss']:.3g}", ups=f"{n / dt:.0f}",
+                        score=f"{row.get('score', np.nan):.1f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             save(run_dir, state, cfg, log.rows, (mean, std))
     bar.close()
