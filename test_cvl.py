@@ -32,6 +32,16 @@ import cvl
 HERE = Path(__file__).resolve().parent
 ENV_ID = "HalfCheetah-v4"
 
+# Many tests compile the same small programs: a compilation cache shared by this process and the cvl.py processes
+# it starts keeps the suite within its time budget (each train() builds a fresh jitted function).
+COMPILE_CACHE = Path(os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(
+    os.environ.get("TMPDIR", "/tmp")) / f"cvl-test-jax-cache-{os.getuid()}")))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+jax.config.update("jax_compilation_cache_dir", str(COMPILE_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
 
 # ------------------------------------------------------------------------------------------------- fixtures
 def rollouts(episodes: int, length: int, seed: int, constant_action: bool = False) -> dict[str, np.ndarray]:
@@ -134,11 +144,14 @@ def test_d4rl_names_urls_and_cache(monkeypatch, tmp_path):
         for kind in ("random", "medium", "medium-replay", "medium-expert", "expert"):
             assert f"{env}-{kind}-v2" in cvl.D4RL_NAMES
     monkeypatch.delenv("CVL_D4RL_URL", raising=False)
-    assert cvl.d4rl_url("halfcheetah-medium-replay-v2") == (
-        "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/halfcheetah_medium_replay-v2.hdf5")
-    assert cvl.d4rl_url("hopper-medium-v2", "http://mirror/x/").startswith("http://mirror/x/gym_mujoco_v2/")
+    assert cvl.d4rl_urls("halfcheetah-medium-replay-v2") == [
+        "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2/halfcheetah_medium_replay-v2.hdf5"]
+    assert cvl.d4rl_urls("hopper-medium-v2", "http://mirror/x/") == [
+        "http://mirror/x/gym_mujoco_v2/hopper_medium-v2.hdf5", "http://mirror/x/hopper_medium-v2.hdf5"]
+    assert cvl.d4rl_urls("hopper-medium-v2", "https://hf.co/d/resolve/main/{file}?download=1") == [
+        "https://hf.co/d/resolve/main/hopper_medium-v2.hdf5?download=1"]
     monkeypatch.setenv("CVL_D4RL_URL", "http://env-mirror")
-    assert cvl.d4rl_url("hopper-expert-v2") == "http://env-mirror/gym_mujoco_v2/hopper_expert-v2.hdf5"
+    assert cvl.d4rl_urls("hopper-expert-v2")[0] == "http://env-mirror/gym_mujoco_v2/hopper_expert-v2.hdf5"
     monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path))
     assert cvl.d4rl_cache_dir() == tmp_path
     assert cvl.eval_env_spec(cvl.Config(env="walker2d-medium-v2")) == ("Walker2d-v4", 1.629008, 4592.3)
@@ -226,6 +239,138 @@ def test_d4rl_name_downloads_through_mirror_into_d4rl_cache(http_server, tmp_pat
     assert cvl.resolve_dataset(cvl.Config(env="halfcheetah-expert-v2")).exists()
 
 
+def test_flat_mirrors_and_url_templates(http_server, tmp_path, dataset, monkeypatch):
+    base, handler = http_server
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "d4rl"))
+    handler.files["/flat/hopper_medium-v2.hdf5"] = dataset.read_bytes()  # laid out flat, as on a Hugging Face repo
+    path = cvl.resolve_dataset(cvl.Config(env="hopper-medium-v2", d4rl_url=f"{base}/flat"))
+    assert path.read_bytes() == dataset.read_bytes()
+    assert [(p, code) for p, code in handler.requests] == [("/flat/gym_mujoco_v2/hopper_medium-v2.hdf5", None),
+                                                          ("/flat/hopper_medium-v2.hdf5", None)]  # 404, then flat
+    handler.requests.clear()
+    handler.files["/repo/resolve/main/hopper_expert-v2.hdf5"] = dataset.read_bytes()
+    cfg = cvl.Config(env="hopper-expert-v2", d4rl_url=f"{base}/repo/resolve/main/{{file}}")
+    assert cvl.resolve_dataset(cfg).read_bytes() == dataset.read_bytes()
+    assert [p for p, _ in handler.requests] == ["/repo/resolve/main/hopper_expert-v2.hdf5"]
+    cfg = cvl.Config(env="walker2d-expert-v2", d4rl_url=f"{base}/nowhere", out=str(tmp_path / "runs"))
+    with pytest.raises(cvl.CVLError) as err:
+        cvl.train(cfg)
+    msg = str(err.value)
+    assert "nowhere/gym_mujoco_v2/walker2d_expert-v2.hdf5 and " in msg and "nowhere/walker2d_expert-v2.hdf5" in msg
+    assert "404" in msg and "\n" not in msg and not list((tmp_path / "d4rl").glob("walker2d*"))
+
+
+# -------------------------------------------------------------------------------------------------- Minari
+MINARI_ID = "mujoco/hoppertest/random-v0"
+
+
+@pytest.fixture(scope="module")
+def minari_path(tmp_path_factory):
+    """A small Minari dataset written offline by minari's own DataCollector from real Hopper-v5 rollouts: short
+    episodes (at most 40 steps) of a random policy, so some end by a fall and some by the time limit."""
+    import gymnasium as gym
+    import minari
+
+    root = tmp_path_factory.mktemp("minari")
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(root)
+    try:
+        with cvl.quiet_env_creation():
+            env = minari.DataCollector(gym.make("Hopper-v5", max_episode_steps=40))
+        rng = np.random.default_rng(0)
+        for ep in range(30):
+            env.reset(seed=ep)
+            done = False
+            while not done:
+                _, _, terminated, truncated, _ = env.step(rng.uniform(-1, 1, 3).astype(np.float32))
+                done = terminated or truncated
+        env.create_dataset(MINARI_ID, eval_env="Hopper-v5", ref_min_score=-20.0, ref_max_score=3000.0,
+                           algorithm_name="random", author="cvl tests", author_email="tests@example.org",
+                           code_permalink="https://example.org", description="test fixture")
+        env.close()
+    finally:
+        os.environ.pop("MINARI_DATASETS_PATH") if old is None else os.environ.__setitem__("MINARI_DATASETS_PATH", old)
+    return root
+
+
+def test_minari_episodes_flatten_into_d4rl_arrays(minari_path, monkeypatch):
+    import minari
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(minari_path))
+    raw = cvl.minari_arrays(cvl.minari_dataset(MINARI_ID))
+    episodes = list(minari.load_dataset(MINARI_ID).iterate_episodes())
+    assert len(raw["observations"]) == sum(len(ep.actions) for ep in episodes)
+    row = 0
+    for ep in episodes:  # row t is (o_t, a_t, r_t, o_{t+1}); terminations -> terminals, truncations -> timeouts
+        n = len(ep.actions)
+        np.testing.assert_array_equal(raw["observations"][row: row + n], ep.observations[:-1].astype(np.float32))
+        np.testing.assert_array_equal(raw["next_observations"][row: row + n], ep.observations[1:].astype(np.float32))
+        np.testing.assert_array_equal(raw["rewards"][row: row + n], ep.rewards.astype(np.float32))
+        np.testing.assert_array_equal(raw["terminals"][row: row + n], ep.terminations)
+        np.testing.assert_array_equal(raw["timeouts"][row: row + n], ep.truncations)
+        row += n
+    fell = [ep for ep in episodes if ep.terminations[-1]]
+    assert fell and any(ep.truncations[-1] for ep in episodes)
+    # a fallen episode's last transition is a goal with its own reward, and after it the absorbing state follows
+    data = cvl.make_data(cvl.validate_dataset(raw, "minari", 11, 3))
+    last = int(np.flatnonzero(raw["terminals"])[0])
+    assert bool(data.terminal[last]) and last in np.asarray(data.anchors)
+    assert raw["rewards"][last] == pytest.approx(float(fell[0].rewards[-1]))
+    assert cvl.minari_eval_spec(cvl.minari_dataset(MINARI_ID)) == ("Hopper-v5", -20.0, 3000.0)
+
+
+def test_minari_id_trains_evaluates_and_inspects(minari_path, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(minari_path))
+    args = ["--env", MINARI_ID, "--hidden", "32", "32", "--batch-size", "64", "--repr-dim", "8", "--steps", "200",
+            "--updates-per-call", "100", "--eval-every", "200", "--eval-episodes", "2", "--out", str(tmp_path),
+            "--no-progress", "--preset", "cpu"]
+    final = cvl.main(args)
+    assert Path(final["run_dir"]).name.startswith("mujoco-hoppertest-random-v0__s0__")
+    assert final["step"] == 200
+    assert final["score"] == pytest.approx(100 * (final["return_mean"] + 20.0) / 3020.0)  # the dataset's references
+    assert "eval on Hopper-v5" in capsys.readouterr().out
+    result = cvl.main(["--evaluate", final["run_dir"], "--eval-episodes", "2"])
+    assert result["step"] == 200 and np.isfinite(result["score"])
+    info = cvl.main(["--env", MINARI_ID, "--inspect", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert info["terminated"] + info["timed_out"] == info["episodes"] == 30 and info["terminated"] > 0
+    assert f"{info['terminated']} end by termination, {info['timed_out']} by time limit" in out
+    assert "Hopper-v5; reference returns -20 (score 0) and 3000 (score 100)" in out
+    assert Path(info["plot"]).stat().st_size > 5000
+
+
+def test_unknown_minari_ids_and_no_network_fail_in_one_line(minari_path, monkeypatch):
+    import minari
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(minari_path))
+    monkeypatch.setattr(minari, "list_remote_datasets", lambda **kw: {"mujoco/hopper/medium-v0": {}})
+    msg = fails_in_one_line(["--env", "mujoco/hoppertest/randm-v0", "--inspect"], "unknown Minari dataset")
+    assert "did you mean mujoco/hoppertest/random-v0" in msg
+
+    def offline(**kw):
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(minari, "list_remote_datasets", offline)
+    msg = fails_in_one_line(["--env", "mujoco/hopper/medium-v0", "--inspect"], "Minari's server cannot be reached")
+    assert f"copy the folder to {minari_path / 'mujoco/hopper/medium-v0'}" in msg
+
+
+def test_inspect_reports_a_d4rl_file_and_validates_it_as_training_does(tmp_path, raw_small, dataset, capsys):
+    info = cvl.main(["--dataset", str(dataset), "--inspect", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    ends = np.flatnonzero(raw_small["timeouts"])
+    returns = [raw_small["rewards"][a: b + 1].sum() for a, b in zip(np.r_[0, ends[:-1] + 1], ends)]
+    assert info["episodes"] == 12 and info["timed_out"] == 12 and info["terminated"] == 0
+    np.testing.assert_allclose(np.sort(info["returns"]), np.sort(returns), rtol=1e-5)
+    assert f"median {np.median(returns):,.1f}" in out and "720 (720 with a future goal)" in out
+    assert "HalfCheetah-v4; reference returns -280.179 (score 0) and 12135 (score 100)" in out
+    assert (tmp_path / "halfcheetah-fixture_returns.png").stat().st_size > 5000
+    bad = {k: v.copy() for k, v in raw_small.items()}
+    bad["observations"][123, 4] = np.nan
+    path = write_hdf5(tmp_path / "halfcheetah_bad.hdf5", bad)
+    fails_in_one_line(["--dataset", path, "--inspect"], "key 'observations' row 123 is NaN")
+
+
 # --------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("mutate, expected", [
     (lambda r: r.pop("timeouts"), "lacks key(s) timeouts"),
@@ -259,10 +404,10 @@ def test_missing_corrupt_and_unknown_inputs_fail_clearly(tmp_path, dataset):
         cvl.read_dataset_file(tmp_path / "nope.hdf5")
     corrupt = tmp_path / "corrupt.hdf5"
     corrupt.write_bytes(dataset.read_bytes()[: 5000])
-    with pytest.raises(cvl.CVLError, match="corrupt or partially downloaded"):
+    with pytest.raises(cvl.CVLError, match="check that it is a complete .hdf5 or .npz file"):
         cvl.read_dataset_file(corrupt)
     with pytest.raises(cvl.CVLError, match="did you mean halfcheetah-medium-v2"):
-        cvl.d4rl_url("halfcheetah-meduim-v2")
+        cvl.d4rl_urls("halfcheetah-meduim-v2")
     with pytest.raises(cvl.CVLError, match="cannot infer the evaluation env"):
         cvl.eval_env_spec(cvl.Config(dataset=str(tmp_path / "mystery.hdf5")))
     with pytest.raises(cvl.CVLError, match="does nothing with --q-estimator normalized"):
@@ -446,6 +591,8 @@ def train_chunks(cfg: cvl.Config, raw: dict, chunks: int, n: int, seeds=(0,)):
     nets = cvl.make_networks(cfg, raw["actions"].shape[1])
     mesh = cvl.make_mesh(cfg)
     state = cvl.init_states(cfg, nets, seeds, raw["observations"].shape[1], raw["actions"].shape[1])
+    state = cvl.replicate(cvl.to_host_state(state), mesh)  # placed as train() places it, so one compile serves all
+    state = state.replace(key=jax.random.wrap_key_data(state.key))
     data = cvl.replicate(data, mesh)
     step = cvl.make_train_fn(cfg, nets, mesh)
     history = []
@@ -508,7 +655,7 @@ def test_contrastive_td_loss_matches_a_plain_loop():
     def bce(x, y):
         return float(np.log1p(np.exp(-x))) if y else float(np.log1p(np.exp(x)))
 
-    mean, std = cvl.actor_dist(nets, state.actor, batch.next_observations, cfg.actor_min_std)
+    mean, std = cvl.actor_dist(nets, state.actor, batch.next_observations, cfg)
     next_a = np.tanh(np.asarray(mean + std * jax.random.normal(key, mean.shape)))
     s, a, g, nxt = (np.asarray(x) for x in (batch.observations, batch.actions, batch.goals, batch.next_observations))
     absorbing = np.asarray(batch.absorbing)
@@ -528,15 +675,12 @@ def test_contrastive_td_loss_matches_a_plain_loop():
     assert float(loss) == pytest.approx(total, rel=1e-4)
 
 
-@pytest.mark.parametrize("estimator", ["diag", "marginal", "normalized"])
-def test_actor_raises_its_q_estimate(tmp_path, raw_small, estimator):
-    cfg = small_config(tmp_path / "x.hdf5", tmp_path, bc_coef=0.0, q_estimator=estimator)
-    _, history = train_chunks(cfg, raw_small, chunks=8, n=100)
-    q = [h["q_mean"][0] for h in history]
-    assert q[-1] > q[1] + 0.1 * abs(q[1]), q
+BC_CHECKED = set()
 
 
-@pytest.mark.parametrize("objective, flags", [("awr", dict(awr_beta=2.0)), ("q", dict(bc_coef=0.5))])
+@pytest.mark.parametrize("objective, flags", [
+    ("awr", dict(awr_beta=2.0)), ("q", dict(bc_coef=0.5)), ("q", dict(bc_coef=0.5, q_estimator="marginal")),
+    ("q", dict(bc_coef=0.5, q_estimator="diag"))])
 def test_actor_moves_towards_what_a_frozen_critic_prefers(objective, flags):
     """A hand-made frozen critic whose Q rises with the first action dimension: each actor objective, trained
     alone, moves the policy's first action up, while behaviour cloning of the same data (centred on 0) does not."""
@@ -556,30 +700,16 @@ def test_actor_moves_towards_what_a_frozen_critic_prefers(objective, flags):
         opt = cvl.make_optimizer(cfg)
         opt_state = opt.init(actor)
         loss = jax.jit(jax.grad(lambda p, k: cvl.ACTOR_OBJECTIVES[objective](p, {"phi": None}, psi, nets, batch, k,
-                                                                            0.0, cfg)[0]))
+                                                                            cfg.alpha, cfg)[0]))
         for i in range(300):
             updates, opt_state = opt.update(loss(actor, jax.random.key(i)), opt_state)
             actor = optax.apply_updates(actor, updates)
         return np.asarray(cvl.eval_action(nets, actor, s))[:, 0].mean()
 
-    bc = dict(awr_beta=0.0) if objective == "awr" else dict(bc_coef=1.0)
-    assert abs(train_actor(**bc)) < 0.15
+    if objective not in BC_CHECKED:  # behaviour cloning is the same whatever the estimator: check it once
+        assert abs(train_actor(**(dict(awr_beta=0.0) if objective == "awr" else dict(bc_coef=1.0)))) < 0.15
+        BC_CHECKED.add(objective)
     assert train_actor(**flags) > 0.3
-
-
-def test_corrected_density_ratio_rescales_q_by_negatives_per_positive(raw_small):
-    cfg = cvl.make_config("cpu", hidden=(32, 32), batch_size=64, repr_dim=8, q_estimator="diag")
-    nets = cvl.make_networks(cfg, 6)
-    state = cvl.init_state(jax.random.key(0), cfg, nets, 17, 6)
-    batch = cvl.sample_batch(cvl.make_data(raw_small), jax.random.key(1), 64, 0.99, "arrival")
-    psi = nets.psi.apply(state.critic["psi"], batch.goals)
-    args = (nets, state.critic, batch.observations, batch.actions, psi, batch.goal_rewards)
-    for estimator in ("diag", "marginal"):
-        raw = cvl.q_estimate(*args, dataclasses.replace(cfg, q_estimator=estimator))
-        corrected = cvl.q_estimate(*args, dataclasses.replace(cfg, q_estimator=estimator, density_ratio="corrected"))
-        np.testing.assert_allclose(corrected, 63 * raw, rtol=1e-5)
-    infonce = dataclasses.replace(cfg, critic_loss="infonce", density_ratio="corrected")
-    np.testing.assert_allclose(cvl.q_estimate(*args, infonce), cvl.q_estimate(*args, cfg), rtol=1e-6)
 
 
 def test_normalized_q_is_a_weighted_mean_of_future_rewards(raw_small):
@@ -664,11 +794,11 @@ def test_behaviour_cloning_of_actions_at_the_bounds_stays_bounded():
     actor = nets.actor.init(jax.random.key(0), s)
     opt = cvl.make_optimizer(cfg)
     opt_state = opt.init(actor)
-    grad = jax.jit(jax.grad(lambda p: cvl.bc_nll(*cvl.actor_dist(nets, p, s, cfg.actor_min_std), a).mean()))
+    grad = jax.jit(jax.grad(lambda p: cvl.bc_nll(*cvl.actor_dist(nets, p, s, cfg), a).mean()))
     for _ in range(1500):
         updates, opt_state = opt.update(grad(actor), opt_state)
         actor = optax.apply_updates(actor, updates)
-    mean, std = (np.asarray(x) for x in cvl.actor_dist(nets, actor, s, cfg.actor_min_std))
+    mean, std = (np.asarray(x) for x in cvl.actor_dist(nets, actor, s, cfg))
     assert np.tanh(mean[:, 0]).min() > 0.99 and np.isfinite(std).all()
     nll_saturated = np.asarray(cvl.bc_nll(jnp.asarray(mean[:, :1]), jnp.asarray(std[:, :1]), a[:, :1]))
     assert nll_saturated.min() >= math.log(1 - cvl.BOUND) - 1e-4
@@ -737,29 +867,6 @@ def test_cli_end_to_end_cpu_preset(tmp_path, dataset):
     assert (run_dir / "learning_curve.png").stat().st_size > 10_000
 
 
-def test_notebook_use_train_returns_metrics_and_ignores_kernel_argv(tmp_path, dataset, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel-123.json"])
-    final = cvl.train(small_config(dataset, tmp_path, steps=100))
-    assert final["step"] == 100 and np.isfinite(final["score"]) and "critic_loss" in final
-
-
-def test_help_lists_every_config_field():
-    out = run_cli("--help").stdout
-    for f in dataclasses.fields(cvl.Config):
-        assert "--" + f.name.replace("_", "-") in out, f.name
-    assert "cpu:" in out  # presets are named in --help
-
-
-def test_presets_are_explicit_and_flags_win():
-    cpu = cvl.make_config("cpu", batch_size=128)
-    assert cpu.batch_size == 128 and cpu.hidden == (256, 256) and cpu.preset == "cpu"
-    paper = cvl.Config()
-    assert (paper.batch_size, paper.hidden, paper.repr_dim, paper.lr, paper.gamma, paper.bc_coef, paper.alpha,
-            paper.steps) == (1024, (1024, 1024), 16, 3e-4, 0.99, 0.05, 0.0, 1_000_000)
-    with pytest.raises(cvl.CVLError, match="unknown preset"):
-        cvl.make_config("gpu")
-
-
 # ------------------------------------------------------------------------------------------ multi-device
 TWO_DEVICE_SCRIPT = """
 import sys, numpy as np, jax, jax.numpy as jnp
@@ -767,27 +874,27 @@ sys.path.insert(0, {here!r})
 import cvl, test_cvl
 assert jax.device_count() == 2
 raw = test_cvl.rollouts(episodes=8, length=40, seed=1)
-results = []
-for devices in (1, 2):
-    cfg = cvl.make_config("cpu", hidden=(32, 32), batch_size=64, repr_dim=8, devices=devices, num_seeds={seeds})
-    state, history = test_cvl.train_chunks(cfg, raw, chunks=1, n=5, seeds=range({seeds}))
-    results.append((cvl.to_host(state.critic), cvl.to_host(state.actor), history[0]))
-(c1, a1, m1), (c2, a2, m2) = results
-for x, y in zip(jax.tree.leaves((c1, a1)), jax.tree.leaves((c2, a2))):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
-for k in m1:
-    np.testing.assert_allclose(m1[k], m2[k], rtol=1e-4, atol=1e-5, err_msg=k)
-print("EQUAL", sorted(m1))
+for seeds in (1, 2):  # one seed (the seed axis dropped inside the step) and a vmapped pair
+    results = []
+    for devices in (1, 2):
+        cfg = cvl.make_config("cpu", hidden=(32, 32), batch_size=64, repr_dim=8, devices=devices, num_seeds=seeds)
+        state, history = test_cvl.train_chunks(cfg, raw, chunks=1, n=5, seeds=range(seeds))
+        results.append((cvl.to_host(state.critic), cvl.to_host(state.actor), history[0]))
+    (c1, a1, m1), (c2, a2, m2) = results
+    for x, y in zip(jax.tree.leaves((c1, a1)), jax.tree.leaves((c2, a2))):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+    for k in m1:
+        np.testing.assert_allclose(m1[k], m2[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    print("EQUAL", seeds, sorted(m1))
 """
 
 
-@pytest.mark.parametrize("seeds", [1, 2])
-def test_two_devices_equal_one_device(seeds):
+def test_two_devices_equal_one_device():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", TWO_DEVICE_SCRIPT.format(here=str(HERE), seeds=seeds)],
+    proc = subprocess.run([sys.executable, "-c", TWO_DEVICE_SCRIPT.format(here=str(HERE))],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "EQUAL" in proc.stdout and "critic_loss" in proc.stdout
+    assert "EQUAL 1" in proc.stdout and "EQUAL 2" in proc.stdout and "critic_loss" in proc.stdout
 
 
 DISTRIBUTED_SCRIPT = """
@@ -796,7 +903,7 @@ sys.path.insert(0, {here!r})
 import cvl, test_cvl
 pid = int(sys.argv[1])
 cfg = test_cvl.small_config({dataset!r}, {out!r}, distributed=True, coordinator_address="127.0.0.1:{port}",
-                            num_processes=2, process_id=pid, steps=100)
+                            num_processes=2, process_id=pid, steps=100, eval_episodes=1)
 final = cvl.train(cfg)  # the whole loop: only process 0 writes a run directory
 assert jax.process_count() == 2 and jax.device_count() == 2
 raw = cvl.read_dataset_file({dataset!r})
@@ -835,35 +942,6 @@ def test_two_processes_train_the_same_step_and_agree(tmp_path, dataset):
 
 
 # ------------------------------------------------------------------------------------------ runs survive
-def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, dataset):
-    args = ["--dataset", dataset, "--eval-env", ENV_ID, "--hidden", "32", "32", "--batch-size", "64",
-            "--repr-dim", "8", "--steps", "1500", "--updates-per-call", "50", "--eval-every", "250",
-            "--eval-episodes", "2", "--checkpoint-every", "500", "--no-progress", "--preset", "cpu"]
-    run_cli(*args, "--out", tmp_path / "straight")
-    (straight,) = (tmp_path / "straight").iterdir()
-
-    proc = subprocess.Popen([sys.executable, str(HERE / "cvl.py"), *map(str, args), "--out", str(tmp_path / "cut")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        runs = list((tmp_path / "cut").glob("*/metrics.csv"))
-        if runs and len(read_rows(runs[0].parent)) >= 6:  # past step 300, before the end
-            break
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
-    assert "--resume" in err
-    (cut,) = (tmp_path / "cut").iterdir()
-    stopped_at = cvl.load_checkpoint(cut)["step"]
-    assert 300 <= stopped_at < 1500
-    assert int(read_rows(cut)[-1]["step"]) == stopped_at
-
-    run_cli("--resume", cut, "--no-progress")
-    assert without_timing(read_rows(cut)) == without_timing(read_rows(straight))
-    assert [int(r["step"]) for r in read_rows(cut)] == list(range(50, 1501, 50))  # no duplicate or missing row
-
-
 def test_resume_refuses_a_contradicting_flag(tmp_path, dataset):
     final = cvl.train(small_config(dataset, tmp_path, steps=50))
     proc = run_cli("--resume", final["run_dir"], "--batch-size", "32", check=False)
@@ -895,16 +973,17 @@ def test_checkpoint_write_is_atomic(tmp_path, dataset, monkeypatch):
     before = (run_dir / "checkpoint.msgpack").read_bytes()
 
     def crash(*_):
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(cvl.os, "fsync", crash)  # dies after writing the temp file, before the rename
     cfg = cvl.load_checkpoint(run_dir)["config"]
     nets = cvl.make_networks(cfg, 6)
     state = cvl.init_states(cfg, nets, [0], 17, 6)
-    with pytest.raises(OSError):
+    with pytest.raises(cvl.WriteError, match="No space left on device"):
         cvl.save_checkpoint(run_dir, state, cfg, [])
     assert (run_dir / "checkpoint.msgpack").read_bytes() == before
     assert cvl.load_checkpoint(run_dir)["step"] == 50
+    assert not list(run_dir.glob("*.tmp*"))  # no stale temp file
 
 
 @pytest.mark.parametrize("drop", ["critic_target", "absorbing"])
@@ -961,6 +1040,400 @@ def test_video_without_a_gl_backend_is_skipped_with_a_message(capsys, monkeypatc
     assert "no video" in err and "cannot initialize EGL display" in err and "MUJOCO_GL=egl" in err
 
 
+# ------------------------------------------------------------------------------ bad input, faults, long runs
+def small_args(dataset, out, **kw) -> list[str]:
+    """small_config as command-line flags."""
+    base = dict(dataset=dataset, eval_env=ENV_ID, hidden="32 32", batch_size=64, repr_dim=8, steps=50,
+                updates_per_call=50, eval_every=50, eval_episodes=1, checkpoint_every=50, out=out, preset="cpu")
+    args = ["--no-progress"]
+    for k, v in {**base, **kw}.items():
+        args += ["--" + k.replace("_", "-"), *str(v).split(" ")]
+    return args
+
+
+def fails_in_one_line(argv, expected: str) -> str:
+    """cvl.main(argv) stops with a CVLError (exit 2 from the command line) of one line containing `expected`."""
+    with pytest.raises(cvl.CVLError) as err:
+        cvl.main([str(a) for a in argv])
+    msg = str(err.value)
+    assert not isinstance(err.value, cvl.Diverged) and "\n" not in msg and expected in msg, msg
+    return msg
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, dataset):
+    """A finished 50-step run; tests that change it work on a copy."""
+    out = tmp_path_factory.mktemp("finished")
+    return Path(cvl.main(small_args(dataset, out))["run_dir"])
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, tmp_path / run.name))
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (dict(seed=-1), "--seed must be >= 0, got -1"),
+    (dict(devices=-1), "--devices must be >= 0, got -1"),
+    (dict(lr=-1), "--lr must be positive"),
+    (dict(lr=0), "--lr must be positive"),
+    (dict(alpha=-1), "--alpha must be >= 0"),
+    (dict(actor_min_std=-1), "--actor-min-std must be positive"),
+    (dict(actor_max_std=1e-7), "--actor-max-std must be above --actor-min-std"),
+    (dict(eval_env="CartPole-v1"), "needs flat continuous (Box) spaces"),
+])
+def test_bad_flags_stop_before_anything_is_written(tmp_path, dataset, flags, expected):
+    fails_in_one_line(small_args(dataset, tmp_path / "out", **flags), expected)
+    assert not (tmp_path / "out").exists()  # no run directory left behind
+
+
+def test_unknown_d4rl_names_and_bad_mirrors_name_the_fix(tmp_path, monkeypatch):
+    msg = fails_in_one_line(["--env", "halfcheeta-medium-v2", "--eval-env", ENV_ID], "unknown D4RL env")
+    assert "did you mean halfcheetah-medium-v2" in msg
+    fails_in_one_line(["--env", "no-such-env-v2"], "unknown D4RL env 'no-such-env-v2'")
+    fails_in_one_line(["--env", "hopper-medium-v2", "--d4rl-url", "notaurl"], "--d4rl-url 'notaurl' is not an http")
+    monkeypatch.setenv("CVL_D4RL_URL", "ftp:/x")
+    fails_in_one_line(["--env", "hopper-medium-v2"], "CVL_D4RL_URL 'ftp:/x' is not an http")
+    monkeypatch.delenv("CVL_D4RL_URL")
+    monkeypatch.setenv("D4RL_DATASET_DIR", str(tmp_path / "a-file" / "datasets"))
+    (tmp_path / "a-file").write_text("not a folder")
+    fails_in_one_line(["--env", "hopper-medium-v2", "--d4rl-url", "http://127.0.0.1:9"],
+                      "set D4RL_DATASET_DIR to a writable folder")
+
+
+def test_unwritable_out_fails_in_one_line_and_leaves_nothing(tmp_path, dataset):
+    (tmp_path / "file").write_text("x")
+    for out in ("/proc/cvl-test-out", tmp_path / "file" / "runs"):
+        fails_in_one_line(small_args(dataset, out), "pass a writable --out")
+    assert (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda r: [r.__setitem__(k, v[:0]) for k, v in list(r.items())], "the dataset has no rows"),
+    (lambda r: r.__setitem__("rewards", np.array([b"x"] * 720)), "key 'rewards' holds |S1 values"),
+    (lambda r: r.__setitem__("terminals", np.zeros((720, 2), bool)), "key 'terminals' has shape (720, 2)"),
+])
+def test_more_bad_datasets_give_one_clear_line(tmp_path, raw_small, mutate, expected):
+    raw = {k: v.copy() for k, v in raw_small.items()}
+    mutate(raw)
+    path = write_hdf5(tmp_path / "halfcheetah_bad.hdf5", raw)
+    fails_in_one_line(small_args(path, tmp_path / "out"), expected)
+    assert not (tmp_path / "out").exists()
+
+
+def test_column_shaped_terminals_timeouts_and_rewards_read_as_flat(raw_small):
+    raw = {k: v.copy() for k, v in raw_small.items()}
+    raw["terminals"][[59, 300]] = True  # two falls, so terminals matter
+    column = {**raw, **{k: raw[k][:, None] for k in ("terminals", "timeouts", "rewards")}}
+    flat, col = (cvl.make_data(cvl.validate_dataset(r, "f", 17, 6)) for r in (raw, column))
+    for a, b in zip(flat, col):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_misleading_advice_is_gone(tmp_path, dataset, finished_run, monkeypatch):
+    fails_in_one_line(small_args(tmp_path, tmp_path / "out"), "is a directory; pass the .hdf5 or .npz file")
+    junk = tmp_path / "mine.hdf5"
+    junk.write_bytes(b"not hdf5" * 100)
+    msg = fails_in_one_line(small_args(junk, tmp_path / "out"), "check that it is a complete .hdf5 or .npz file")
+    assert "download" not in msg
+    monkeypatch.setattr(cvl.os, "access", lambda p, mode: Path(p) != dataset)
+    fails_in_one_line(small_args(dataset, tmp_path / "out"), "cannot be read (permission denied)")
+    monkeypatch.undo()
+    fails_in_one_line(["--evaluate", dataset], "is a dataset file, not a checkpoint")
+    run = copy_run(finished_run, tmp_path)
+    (run / "checkpoint.msgpack").unlink()  # as a run killed before its first checkpoint by an older cvl.py
+    fails_in_one_line(["--resume", run], "stopped before its first checkpoint")
+
+
+def test_evaluate_checks_its_flags_before_evaluating(tmp_path, finished_run, capsys):
+    for episodes in ("0", "-2"):
+        fails_in_one_line(["--evaluate", finished_run, "--eval-episodes", episodes], "--eval-episodes must be positive")
+    (tmp_path / "file").write_text("x")
+    for video in ("/proc/cvl-test/v.gif", tmp_path / "file" / "v.mp4"):
+        fails_in_one_line(["--evaluate", finished_run, "--video", video], "cannot create the video's folder")
+    fails_in_one_line(["--evaluate", finished_run, "--video", tmp_path / "v.avi"], "must end in .mp4 or .gif")
+    assert "normalised score" not in capsys.readouterr().out  # stopped before any evaluation ran
+
+
+def test_resume_from_checkpoint_file_relative_dataset_and_any_folder(tmp_path, dataset, monkeypatch):
+    monkeypatch.chdir(dataset.parent)
+    final = cvl.main(small_args(dataset.name, tmp_path))  # a relative --dataset
+    run = Path(final["run_dir"])
+    assert json.loads((run / "config.json").read_text())["dataset"] == str(dataset)
+    monkeypatch.chdir(tmp_path)
+    before = (run / "config.json").read_text()
+    fails_in_one_line(["--resume", run, "--steps", "20"], "--steps 20 is below the 50 steps")
+    assert (run / "config.json").read_text() == before
+    final = cvl.main(["--resume", str(run / "checkpoint.msgpack"), "--steps", "100", "--dataset", str(dataset)])
+    assert final["step"] == 100 and final["run_dir"] == str(run)
+    assert [int(r["step"]) for r in read_rows(run)] == [50, 100]
+
+
+def test_a_second_resume_of_a_running_run_stops_in_one_line(tmp_path, finished_run):
+    run = copy_run(finished_run, tmp_path)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.name != "lock"}
+    with cvl.run_lock(run):
+        fails_in_one_line(["--resume", run, "--steps", "100"], f"is in use by cvl.py (pid {os.getpid()} on ")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != "lock"} == before
+    assert cvl.main(["--resume", str(run), "--steps", "100"])["step"] == 100  # free again once the holder is gone
+
+
+def test_a_signal_saves_the_last_finished_step_at_once_and_resume_equals_an_uninterrupted_run(
+        tmp_path, dataset, monkeypatch, capsys):
+    """SIGTERM sent by the training loop's own jitted call, so exactly where it lands is fixed: the call in flight
+    is abandoned and the step before it is saved (also before the first call: every run is resumable)."""
+    cfg = small_config(dataset, tmp_path / "straight", steps=300, eval_every=150, checkpoint_every=150)
+    straight = cvl.train(cfg)["run_dir"]
+    real = cvl.make_train_fn
+
+    def signal_during_call(k):
+        def make_train_fn(*args):
+            fn, calls = real(*args), []
+
+            def call(state, data, n):
+                out = fn(state, data, n)
+                calls.append(n)
+                if len(calls) == k:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return out
+            return call
+        return make_train_fn
+
+    cut = cfg
+    for k, stopped_at in ((1, 0), (4, 150)):  # during the first call; during 150 -> 200, after two resumed calls
+        monkeypatch.setattr(cvl, "make_train_fn", signal_during_call(k))
+        with pytest.raises(cvl.Stopped) as stopped:
+            cvl.train(dataclasses.replace(cfg, out=str(tmp_path / "cut")) if k == 1 else cut)
+        assert stopped.value.code == 128 + signal.SIGTERM
+        (run,) = (tmp_path / "cut").iterdir()
+        assert cvl.load_checkpoint(run)["step"] == stopped_at
+        assert [int(r["step"]) for r in read_rows(run)] == list(range(50, stopped_at + 1, 50))
+        assert f"interrupted at step {stopped_at}" in capsys.readouterr().err
+        cut = cvl.resume_config(str(run))
+    monkeypatch.undo()
+    cvl.train(cut)
+    assert without_timing(read_rows(run)) == without_timing(read_rows(straight))
+
+
+def test_a_full_disk_keeps_the_last_good_checkpoint_and_says_how_to_continue(tmp_path, dataset, monkeypatch, capsys):
+    cfg = small_config(dataset, tmp_path, steps=200, eval_every=200, checkpoint_every=100)
+    real_fsync, checkpoints = os.fsync, []
+
+    def fsync(fd):  # the disk fills up during the third checkpoint (steps 0, 100, then 200)
+        if "checkpoint" in os.readlink(f"/proc/self/fd/{fd}"):
+            checkpoints.append(fd)
+            if len(checkpoints) == 3:
+                raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(cvl.os, "fsync", fsync)
+    with pytest.raises(cvl.WriteError) as err:
+        cvl.train(cfg)
+    (run,) = tmp_path.iterdir()
+    assert str(err.value) == (f"cannot write the checkpoint {run}/checkpoint.msgpack (No space left on device); the "
+                              f"last good checkpoint (step 100) in {run} is kept: free space, then continue with: "
+                              f"python cvl.py --resume {run}")
+    assert cvl.load_checkpoint(run)["step"] == 100 and not list(run.glob("*.tmp*"))
+    monkeypatch.undo()
+
+    import matplotlib.figure
+
+    def full(*_, **__):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)  # and again while plotting at the very end
+    final = cvl.train(cvl.resume_config(str(run)))
+    err = capsys.readouterr()
+    assert final["step"] == 200 and "cvl: done at step 200" in err.out
+    assert "cvl: warning: cannot write the learning curve" in err.err and "the run is complete" in err.err
+    assert [int(r["step"]) for r in read_rows(run)] == [50, 100, 150, 200]
+    assert cvl.load_checkpoint(run)["step"] == 200 and not (run / "learning_curve.png").exists()
+
+
+def test_metrics_log_appends_in_constant_time_and_rewrites_only_for_a_new_column(tmp_path, monkeypatch):
+    rewrites, real = [], cvl.MetricsLog._rewrite
+    monkeypatch.setattr(cvl.MetricsLog, "_rewrite", lambda self: (rewrites.append(len(self.rows)), real(self))[1])
+    rows = [{"step": 0, "loss": 1.0}]
+    log = cvl.MetricsLog(tmp_path / "metrics.csv", rows)
+    for step in range(1, 41):
+        row = {"step": step, "loss": 1 / step, **({"score": step} if step % 10 == 0 else {})}
+        rows.append(row)
+        log.append(row)
+    assert rewrites == [1, 11]  # opening, then the first row with a score
+    back = read_rows(tmp_path)
+    assert [(int(r["step"]), float(r["loss"]), r["score"]) for r in back] == [
+        (r["step"], r["loss"], str(r.get("score", ""))) for r in rows]
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, dataset):
+    for args in (small_args(dataset, tmp_path / "out", devices=-1), ["--evaluate", tmp_path, "--eval-episodes", "0"]):
+        proc = run_cli(*args, check=False)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("cvl: error: ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_actor_std_is_bounded_in_log_space():
+    cfg = cvl.make_config("cpu", hidden=(16,), actor_min_std=0.01, actor_max_std=2.0)
+    nets = cvl.make_networks(cfg, 3)
+    actor = nets.actor.init(jax.random.key(0), jnp.zeros((1, 4)))
+    s = jnp.asarray(np.random.default_rng(0).normal(size=(512, 4)), jnp.float32)
+    for scale in (1e3, -1e3):  # pre-activations far beyond either end
+        big = jax.tree.map(lambda x, scale=scale: x * scale, actor)
+        _, std = cvl.actor_dist(nets, big, s, cfg)
+        assert float(std.min()) >= 0.01 - 1e-7 and float(std.max()) <= 2.0 + 1e-6
+        assert float(std.min()) < 0.02 or float(std.max()) > 1.9  # the bound is what holds it
+
+
+# ------------------------------------------------------------------------- what the losses and update compute
+def test_binary_nce_learns_the_density_ratio_divided_by_b_minus_1():
+    """A toy with a known density ratio: 4 one-hot states, each goal drawn from a known p(g | s). Binary NCE with
+    B - 1 negatives per positive has its optimum at sigmoid(f) = p(g|s) / (p(g|s) + (B - 1) p(g)), i.e.
+    exp(f) = p(g|s) / ((B - 1) p(g)); cvl's loss value is the mean over the B x B entries of the sigmoid
+    cross-entropy, checked against a plain loop first."""
+    k, b = 4, 16
+    p_g_s = np.array([[.7, .1, .1, .1], [.1, .7, .1, .1], [.25, .25, .25, .25], [.05, .05, .1, .8]])
+    ratio = p_g_s / p_g_s.mean(axis=0)  # p(s) uniform
+    cfg = cvl.make_config("cpu", hidden=(), repr_dim=k, batch_size=b, lr=3e-3)
+    nets = cvl.make_networks(cfg, 1)
+    state = cvl.init_state(jax.random.key(0), cfg, nets, k, 1)
+    eye = jnp.eye(k)
+
+    def batch(key):
+        ks, kg = jax.random.split(key)
+        s = jax.random.randint(ks, (b,), 0, k)
+        g = jax.random.categorical(kg, jnp.log(jnp.asarray(p_g_s))[s])
+        z = jnp.zeros(b, bool)
+        return cvl.Batch(eye[s], jnp.zeros((b, 1)), eye[g], z, jnp.zeros(b), eye[s], z, z)
+
+    loss_fn = partial(cvl.critic_loss_nce, state=state, key=None, cfg=cfg, nets=nets, shard=lambda x, *_: x)
+    x = batch(jax.random.key(1))
+    f = np.asarray(cvl.critic_logits(nets, state.critic, x.observations, x.actions, x.goals, x.absorbing)[0])
+    plain = np.mean([[math.log1p(math.exp(-f[i, j])) if i == j else math.log1p(math.exp(f[i, j])) for j in range(b)]
+                     for i in range(b)])
+    assert float(loss_fn(state.critic, batch=x)[0]) == pytest.approx(plain, rel=1e-5)
+
+    opt = cvl.make_optimizer(cfg)
+
+    @jax.jit
+    def train(critic, opt_state, key):
+        def step(carry, key):
+            critic, opt_state = carry
+            grads = jax.grad(lambda c: loss_fn(c, batch=batch(key))[0])(critic)
+            updates, opt_state = opt.update(grads, opt_state)
+            return (optax.apply_updates(critic, updates), opt_state), None
+        return jax.lax.scan(step, (critic, opt_state), jax.random.split(key, 6000))[0]
+
+    critic, _ = train(state.critic, opt.init(state.critic), jax.random.key(2))
+    f = np.asarray(cvl.critic_logits(nets, critic, eye, jnp.zeros((k, 1)), eye, jnp.zeros(k, bool))[0])
+    np.testing.assert_allclose(np.exp(f) * (b - 1), ratio, rtol=0.2)
+
+
+def test_one_update_uses_the_parameters_from_before_it_and_the_actor_never_moves_the_critic(raw_small):
+    """learn_from_batch against an independent composition: the critic's gradient is that of its loss alone, and
+    the actor's gradient is taken at the critic from before the step; Adam then applies both."""
+    cfg = cvl.make_config("cpu", hidden=(32,), repr_dim=8, batch_size=32, bc_coef=0.3)
+    nets = cvl.make_networks(cfg, 6)
+    state = cvl.init_state(jax.random.key(0), cfg, nets, 17, 6)
+    learn = jax.jit(partial(cvl.learn_from_batch, cfg=cfg, nets=nets, shard=lambda x, *_: x))
+    state, _ = learn(state, cvl.sample_batch(cvl.make_data(raw_small), jax.random.key(3), 32, 0.99, "arrival"),
+                     jax.random.key(4))  # one step first, so Adam's moments are not zero
+    batch = cvl.sample_batch(cvl.make_data(raw_small), jax.random.key(1), 32, 0.99, "arrival")
+    key = jax.random.key(2)
+    new, _ = learn(state, batch, key)
+
+    def critic_loss(c):
+        logits, _ = cvl.critic_logits(nets, c, batch.observations, batch.actions, batch.goals, batch.absorbing)
+        return optax.sigmoid_binary_cross_entropy(logits, jnp.eye(32)).mean()
+
+    def actor_loss(p):
+        psi = cvl.goal_features(nets, state.critic, batch.goals, batch.absorbing)
+        return cvl.actor_loss_q(p, state.critic, psi, nets, batch, key, 0.0, cfg)[0]
+
+    opt = cvl.make_optimizer(cfg)
+    adam_step = jax.jit(lambda params, grads, opt_state: optax.apply_updates(params, opt.update(grads, opt_state)[0]))
+    for params, loss, opt_state, got in ((state.critic, critic_loss, state.critic_opt, new.critic),
+                                         (state.actor, actor_loss, state.actor_opt, new.actor)):
+        want = adam_step(params, jax.jit(jax.grad(loss))(params), opt_state)
+        for w, have in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+            np.testing.assert_allclose(have, w, rtol=1e-5, atol=1e-7)
+
+
+def test_bc_coef_1_is_exactly_behaviour_cloning(raw_small):
+    cfg = cvl.make_config("cpu", hidden=(32,), repr_dim=8, batch_size=32, bc_coef=1.0)
+    nets = cvl.make_networks(cfg, 6)
+    a, b = (cvl.init_state(jax.random.key(i), cfg, nets, 17, 6) for i in (0, 1))  # two different critics
+    batch = cvl.sample_batch(cvl.make_data(raw_small), jax.random.key(1), 32, 0.99, "arrival")
+    grads = [jax.grad(lambda p, st=st: cvl.actor_loss_q(p, st.critic, cvl.goal_features(
+        nets, st.critic, batch.goals, batch.absorbing), nets, batch, jax.random.key(2), 0.0, cfg)[0])(a.actor)
+        for st in (a, b)]
+    bc = jax.grad(lambda p: cvl.bc_nll(*cvl.actor_dist(nets, p, batch.observations, cfg), batch.actions).mean())
+    for g1, g2, want in zip(*(jax.tree.leaves(g) for g in (*grads, bc(a.actor)))):
+        np.testing.assert_array_equal(g1, g2)
+        np.testing.assert_allclose(g1, want, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("stds, rises", [((1e-4, 1e-3), True), ((0.5, 0.6), False)])
+def test_auto_alpha_rises_while_entropy_is_below_target_and_falls_above(raw_small, stds, rises):
+    cfg = cvl.make_config("cpu", hidden=(32,), repr_dim=8, batch_size=32, auto_alpha=True, actor_min_std=stds[0],
+                          actor_max_std=stds[1])
+    nets = cvl.make_networks(cfg, 6)
+    state = cvl.init_state(jax.random.key(0), cfg, nets, 17, 6)
+    data = cvl.make_data(raw_small)
+    learn = jax.jit(partial(cvl.learn_from_batch, cfg=cfg, nets=nets, shard=lambda x, *_: x))
+    for i in range(5):
+        state, metrics = learn(state, cvl.sample_batch(data, jax.random.key(i), 32, 0.99, "arrival"),
+                               jax.random.key(100 + i))
+        assert (float(metrics["entropy"]) < -6) == rises  # target entropy -|A| = -6
+    assert (float(metrics["alpha"]) > 1.0) == rises  # alpha starts at exp(0) = 1
+
+
+def test_alpha_above_zero_keeps_the_policy_wider():
+    """With the Q term alone (bc_coef 0) against a frozen hand-made critic, --alpha 1 keeps more entropy than 0."""
+    rng = np.random.default_rng(0)
+    b = 128
+    s = jnp.asarray(rng.normal(size=(b, 3)), jnp.float32)
+    r = jnp.asarray(rng.normal(size=b), jnp.float32)
+    batch = cvl.Batch(s, s[:, :2] * 0, s, jnp.zeros(b, bool), r, s, jnp.zeros(b, bool), jnp.zeros(b, bool))
+    psi = jnp.stack([r, jnp.zeros(b)], axis=1)
+    phi = type("Phi", (), {"apply": staticmethod(lambda _, x: jnp.stack([4 * x[:, 3], x[:, 0] * 0], 1))})()
+    entropy = {}
+    for alpha in (0.0, 1.0):
+        cfg = cvl.make_config("cpu", hidden=(32,), bc_coef=0.0, alpha=alpha)
+        nets = cvl.make_networks(cfg, 2)._replace(phi=phi)
+        actor = nets.actor.init(jax.random.key(0), s)
+        opt = cvl.make_optimizer(cfg)
+        opt_state = opt.init(actor)
+        grad = jax.jit(jax.grad(lambda p, k: cvl.actor_loss_q(p, {"phi": None}, psi, nets, batch, k, cfg.alpha,
+                                                              cfg)[0]))
+        for i in range(300):
+            updates, opt_state = opt.update(grad(actor, jax.random.key(i)), opt_state)
+            actor = optax.apply_updates(actor, updates)
+        entropy[alpha] = float(cvl.actor_loss_q(actor, {"phi": None}, psi, nets, batch, jax.random.key(0), alpha,
+                                                cfg)[1]["entropy"])
+    assert entropy[1.0] > entropy[0.0] + 1.0, entropy
+
+
+def test_flags_parse_to_their_field_types_and_presets_yield_to_them():
+    values = {int: 7, float: 0.125, str: None, bool: False}
+    for f in dataclasses.fields(cvl.Config):
+        default = getattr(cvl.Config(), f.name)
+        if f.name == "hidden":
+            assert cvl.parse_args(["--hidden", "8", "4"]) == {"hidden": (8, 4)}
+        elif isinstance(default, bool):
+            assert cvl.parse_args([f"--no-{f.name.replace('_', '-')}"]) == {f.name: False}
+        elif f.metadata.get("choices"):
+            choice = f.metadata["choices"][-1]
+            assert cvl.parse_args(["--" + f.name.replace("_", "-"), choice]) == {f.name: choice}
+        else:
+            value = values[type(default)] if type(default) is not str else "x"
+            parsed = cvl.parse_args(["--" + f.name.replace("_", "-"), str(value)])
+            assert parsed == {f.name: value} and type(parsed[f.name]) is type(default), f.name
+    given = cvl.parse_args(["--preset", "cpu", "--batch-size", "128"])
+    cfg = cvl.make_config(given.pop("preset"), **given)
+    assert (cfg.batch_size, cfg.hidden, cfg.steps) == (128, cvl.PRESETS["cpu"]["hidden"], cvl.PRESETS["cpu"]["steps"])
+
+
 # ------------------------------------------------------------------------------------------------ bench tools
 def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, dataset, raw_small, capsys):
     sys.path.insert(0, str(HERE / "bench"))
@@ -976,12 +1449,20 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
     out = capsys.readouterr().out
     assert [r["seed"] for r in results] == [0, 1] and out.count("corr(Q, MC return)") == 6
     assert out.count("*normalized") == 2  # the estimator the run trained with is marked
+    ends = cvl.split_episodes(raw_small)
     for r in results:
         assert r["z_mean"] > 0 and r["grad_ratio"] > 0
+        # each scored row's Monte-Carlo return, by a plain loop over its own episode
+        want = [sum(0.99 ** (j - t) * raw_small["rewards"][j] for j in range(t, ends[t] + 1)) for t in r["rows"]]
+        np.testing.assert_allclose(r["mc_return"], want, rtol=1e-6)
         for name in cvl.Q_ESTIMATORS:
-            assert all(-1 <= c <= 1 for c in r[name]["corr"]) and 0 <= r[name]["beats_random"] <= 1
+            q, q_random = r[name]["q"], r[name]["q_random"]
+            assert len(q) == 128 and not np.array_equal(q, q_random)
+            assert r[name]["corr"][0] == pytest.approx(np.corrcoef(q, want)[0, 1], abs=1e-6)
+            assert r[name]["beats_random"] == np.mean(q > q_random)
         # the normalised estimate is a weighted mean of the goals' rewards
-        assert raw_small["rewards"].min() <= r["normalized"]["q_mean"] <= raw_small["rewards"].max()
+        assert raw_small["rewards"].min() <= r["normalized"]["q"].min() <= r["normalized"]["q"].max() <= \
+            raw_small["rewards"].max()
     with pytest.raises(SystemExit, match="lower --rows or --min-horizon"):
         diagnose_critic.main([final["run_dir"], "--rows", "128", "--min-horizon", "500"])
 
