@@ -321,16 +321,16 @@ def test_minari_episodes_flatten_into_d4rl_arrays(minari_path, monkeypatch):
 
 def test_minari_id_trains_evaluates_and_inspects(minari_path, monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(minari_path))
-    args = ["--env", MINARI_ID, "--hidden", "32", "32", "--batch-size", "64", "--repr-dim", "8", "--steps", "200",
-            "--updates-per-call", "100", "--eval-every", "200", "--eval-episodes", "2", "--out", str(tmp_path),
+    args = ["--env", MINARI_ID, "--hidden", "32", "32", "--batch-size", "64", "--repr-dim", "8", "--steps", "300",
+            "--updates-per-call", "100", "--eval-every", "300", "--eval-episodes", "2", "--out", str(tmp_path),
             "--no-progress", "--preset", "cpu"]
     final = cvl.main(args)
     assert Path(final["run_dir"]).name.startswith("mujoco-hoppertest-random-v0__s0__")
-    assert final["step"] == 200
+    assert final["step"] == 300
     assert final["score"] == pytest.approx(100 * (final["return_mean"] + 20.0) / 3020.0)  # the dataset's references
     assert "eval on Hopper-v5" in capsys.readouterr().out
     result = cvl.main(["--evaluate", final["run_dir"], "--eval-episodes", "2"])
-    assert result["step"] == 200 and np.isfinite(result["score"])
+    assert result["step"] == 300 and np.isfinite(result["score"])
     info = cvl.main(["--env", MINARI_ID, "--inspect", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert info["terminated"] + info["timed_out"] == info["episodes"] == 30 and info["terminated"] > 0
@@ -353,6 +353,34 @@ def test_unknown_minari_ids_and_no_network_fail_in_one_line(minari_path, monkeyp
     monkeypatch.setattr(minari, "list_remote_datasets", offline)
     msg = fails_in_one_line(["--env", "mujoco/hopper/medium-v0", "--inspect"], "Minari's server cannot be reached")
     assert f"copy the folder to {minari_path / 'mujoco/hopper/medium-v0'}" in msg
+
+
+def test_a_minari_id_not_on_disk_is_downloaded_by_minari(minari_path, monkeypatch, tmp_path):
+    import shutil
+
+    import minari
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "empty"))
+    downloads = []
+
+    def download_dataset(name, force_download=False):  # stands in for the network: "fetches" the fixture
+        downloads.append(name)
+        shutil.copytree(minari_path / name, tmp_path / "empty" / name)
+
+    monkeypatch.setattr(minari, "list_remote_datasets", lambda **kw: {MINARI_ID: {}})
+    monkeypatch.setattr(minari, "download_dataset", download_dataset)
+    assert len(cvl.minari_arrays(cvl.minari_dataset(MINARI_ID))["rewards"]) > 0 and downloads == [MINARI_ID]
+    cvl.minari_dataset(MINARI_ID)  # now local: not downloaded again
+    assert downloads == [MINARI_ID]
+
+
+def test_minari_is_imported_only_for_minari_ids(tmp_path, dataset):
+    script = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import cvl; "
+              f"cvl.main(['--dataset', {str(dataset)!r}, '--inspect', '--out', {str(tmp_path)!r}]); "
+              f"print('minari imported' if 'minari' in sys.modules else 'minari not imported')")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "minari not imported" in proc.stdout
 
 
 def test_inspect_reports_a_d4rl_file_and_validates_it_as_training_does(tmp_path, raw_small, dataset, capsys):
