@@ -77,6 +77,8 @@ class Config:
     critic_loss: str = _flag("nce", "nce: binary NCE (sigmoid) on B x B logits; infonce: softmax CE on rows; td: "
                              "contrastive TD (the original code's use_td), the learned policy's future by "
                              "bootstrapping from s' with a target critic.", choices=("nce", "infonce", "td"))
+    critics: int = _flag(1, "Independent critics trained side by side on the same batches; Q is the minimum of their "
+                         "estimates, which penalises actions they disagree on (the original code's twin_q: 2).")
     tau: float = _flag(0.005, "With --critic-loss td: Polyak step of the target critic.")
     td_max_weight: float = _flag(20.0, "With --critic-loss td: clip the bootstrap weights exp(f_target) here.")
     q_estimator: str = _flag("normalized", "normalized: sum_j softmax_j(f(s,a,g_j)) r_j over the batch's other rows' "
@@ -199,7 +201,7 @@ def check_config(cfg: Config) -> None:
     def flag(name):
         return "--" + name.replace("_", "-")
 
-    positive = ("steps", "batch_size", "repr_dim", "num_seeds", "updates_per_call", "eval_every", "eval_episodes",
+    positive = ("steps", "batch_size", "repr_dim", "critics", "num_seeds", "updates_per_call", "eval_every", "eval_episodes",
                 "checkpoint_every", "lr", "adam_eps", "actor_min_std", "awr_max_weight", "td_max_weight")
     for name in positive:
         if not getattr(cfg, name) > 0:
@@ -364,7 +366,7 @@ def resolve_dataset(cfg: Config) -> Path:
     return path if path.exists() else download(urls, path)
 
 
-# Minari (Farama's maintained home of offline RL data): a dataset id is namespace/name-vN, e.g. mujoco/hopper/medium-v0.
+# Minari (Farama's maintained home of offline RL data): an id is namespace/name-vN, e.g. mujoco/hopper/medium-v0.
 MINARI_VERSION = "0.5.4"
 
 
@@ -665,7 +667,14 @@ def goal_features(nets: Networks, critic: dict, g, absorbing):
     p(absorbed | s, a) / p(absorbed), and it cannot be confused with any real state. (The fall itself, s_{e+1},
     stays an ordinary goal.)
     """
+    if is_ensemble(critic):
+        return jax.vmap(goal_features, in_axes=(None, 0, None, None))(nets, critic, g, absorbing)
     return jnp.where(absorbing[:, None], critic["absorbing"], nets.psi.apply(critic["psi"], g))
+
+
+def is_ensemble(critic: dict) -> bool:
+    """With --critics > 1 every leaf of the critic has a leading ensemble axis."""
+    return critic["absorbing"].ndim == 2
 
 
 def critic_logits(nets: Networks, critic: dict, s, a, g, absorbing):
@@ -797,7 +806,11 @@ Q_ESTIMATORS = {"normalized": q_normalized, "marginal": q_marginal, "diag": q_di
 
 
 def q_estimate(nets: Networks, critic, s, a, psi, goal_rewards, cfg: Config):
-    """Q(s, a) without TD: exp(f) estimates p(g | s, a) / p(g), so it re-weights the rewards of future states."""
+    """Q(s, a) without TD: exp(f) estimates p(g | s, a) / p(g), so it re-weights the rewards of future states.
+    With several critics (psi then has their axis too), the minimum of their estimates."""
+    if is_ensemble(critic):
+        q = jax.vmap(lambda c, p: q_estimate(nets, c, s, a, p, goal_rewards, cfg))(critic, psi)
+        return q.min(axis=0)
     phi = nets.phi.apply(critic["phi"], jnp.concatenate([s, a], axis=-1))
     q = Q_ESTIMATORS[cfg.q_estimator](phi @ psi.T, goal_rewards)
     # Binary NCE sees B-1 negatives per positive, so its optimal logit is log p(g|s,a)/p(g) - log(B-1): exp(f)
@@ -877,10 +890,18 @@ def make_optimizer(cfg: Config):
     return optax.adam(cfg.lr, eps=cfg.adam_eps)
 
 
+def init_critic(k_phi, k_psi, cfg: Config, nets: Networks, obs_dim: int, act_dim: int) -> dict:
+    return {"phi": nets.phi.init(k_phi, jnp.zeros((1, obs_dim + act_dim))),
+            "psi": nets.psi.init(k_psi, jnp.zeros((1, obs_dim))), "absorbing": jnp.zeros(cfg.repr_dim)}
+
+
 def init_state(key: jax.Array, cfg: Config, nets: Networks, obs_dim: int, act_dim: int) -> TrainState:
     k_phi, k_psi, k_actor, key = jax.random.split(key, 4)
-    critic = {"phi": nets.phi.init(k_phi, jnp.zeros((1, obs_dim + act_dim))),
-              "psi": nets.psi.init(k_psi, jnp.zeros((1, obs_dim))), "absorbing": jnp.zeros(cfg.repr_dim)}
+    if cfg.critics == 1:
+        critic = init_critic(k_phi, k_psi, cfg, nets, obs_dim, act_dim)
+    else:  # an ensemble: parameters stacked on a leading axis
+        keys = (jax.random.split(k, cfg.critics) for k in (k_phi, k_psi))
+        critic = jax.vmap(lambda a, b: init_critic(a, b, cfg, nets, obs_dim, act_dim))(*keys)
     actor = nets.actor.init(k_actor, jnp.zeros((1, obs_dim)))
     log_alpha = jnp.asarray(math.log(cfg.alpha) if cfg.alpha > 0 else 0.0, jnp.float32)
     opt = make_optimizer(cfg)
@@ -902,11 +923,22 @@ def update_step(state: TrainState, data: Data, cfg: Config, nets: Networks, shar
     return learn_from_batch(state.replace(key=key), batch, k_actor, cfg, nets, shard)
 
 
+def critic_loss(critic, state: TrainState, batch: Batch, key, cfg: Config, nets: Networks, shard):
+    """The --critic-loss of the critic, or with --critics > 1 the sum of each critic's (each against its own target)
+    on the same batch, with their metrics averaged and their goal features psi stacked."""
+    loss_fn = CRITIC_LOSSES[cfg.critic_loss]
+    if not is_ensemble(critic):
+        return loss_fn(critic, state, batch, key, cfg, nets, shard)
+    losses, (metrics, psi) = jax.vmap(lambda c, target: loss_fn(c, state.replace(critic_target=target), batch, key,
+                                                                cfg, nets, shard))(critic, state.critic_target)
+    return losses.sum(), (jax.tree.map(jnp.mean, metrics), psi)
+
+
 def learn_from_batch(state: TrainState, batch: Batch, k_actor, cfg: Config, nets: Networks, shard):
     """Update critic and actor (and alpha), both from the parameters before the step."""
     opt = make_optimizer(cfg)
 
-    (_, (metrics, psi)), critic_grads = jax.value_and_grad(CRITIC_LOSSES[cfg.critic_loss], has_aux=True)(
+    (_, (metrics, psi)), critic_grads = jax.value_and_grad(critic_loss, has_aux=True)(
         state.critic, state, batch, jax.random.fold_in(k_actor, 1), cfg, nets, shard)
     # The actor reuses the critic's goal representations psi(g); neither psi nor the critic moves with the actor.
     alpha = jnp.exp(state.log_alpha) if cfg.auto_alpha else cfg.alpha

@@ -1387,6 +1387,34 @@ def test_one_update_uses_the_parameters_from_before_it_and_the_actor_never_moves
             np.testing.assert_allclose(have, w, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("loss", ["nce", "td"])
+def test_twin_critics_learn_independently_and_q_is_their_minimum(raw_small, loss):
+    cfg = cvl.make_config("cpu", hidden=(32,), repr_dim=8, batch_size=32, critics=2, critic_loss=loss)
+    nets = cvl.make_networks(cfg, 6)
+    state = cvl.init_state(jax.random.key(0), cfg, nets, 17, 6)
+    state = state.replace(critic_target=jax.tree.map(lambda x: 1.1 * x, state.critic))  # targets differ from critics
+    batch = cvl.sample_batch(cvl.make_data(raw_small), jax.random.key(1), 32, 0.99, "arrival")
+    key, shard = jax.random.key(2), (lambda x, *_: x)
+    member = [jax.tree.map(lambda x, i=i: x[i], state.critic) for i in range(2)]
+    target = [jax.tree.map(lambda x, i=i: x[i], state.critic_target) for i in range(2)]
+    single = dataclasses.replace(cfg, critics=1)
+    # Q: the minimum of the two critics' own estimates, each read out against its own goal features
+    args = (batch.observations, batch.actions)
+    q = cvl.q_estimate(nets, state.critic, *args, cvl.goal_features(nets, state.critic, batch.goals, batch.absorbing),
+                       batch.goal_rewards, cfg)
+    each = [np.asarray(cvl.q_estimate(nets, m, *args, cvl.goal_features(nets, m, batch.goals, batch.absorbing),
+                                      batch.goal_rewards, single)) for m in member]
+    assert not np.allclose(each[0], each[1])
+    np.testing.assert_allclose(q, np.minimum(*each), rtol=1e-6)
+    # the ensemble's gradient for critic i is that of critic i's loss alone (against its own target)
+    grads = jax.jit(jax.grad(lambda c: cvl.critic_loss(c, state, batch, key, cfg, nets, shard)[0]))(state.critic)
+    for i in range(2):
+        own = jax.jit(jax.grad(lambda c, i=i: cvl.CRITIC_LOSSES[loss](
+            c, state.replace(critic_target=target[i]), batch, key, single, nets, shard)[0]))(member[i])
+        for g, want in zip(jax.tree.leaves(jax.tree.map(lambda x, i=i: x[i], grads)), jax.tree.leaves(own)):
+            np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-7)
+
+
 def test_bc_coef_1_is_exactly_behaviour_cloning(raw_small):
     cfg = cvl.make_config("cpu", hidden=(32,), repr_dim=8, batch_size=32, bc_coef=1.0)
     nets = cvl.make_networks(cfg, 6)

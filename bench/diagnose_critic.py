@@ -94,8 +94,11 @@ def main(argv=None):
             cfg_q = dataclasses.replace(cfg, q_estimator=name)
             return per_batch(lambda sl: cvl.q_estimate(nets, critic, s[sl], actions[sl], psi(sl), r_g[sl], cfg_q))
 
+        first = jax.tree.map(lambda x: x[0], critic) if cvl.is_ensemble(critic) else critic  # Z of one critic
+
         def z(sl):
-            f = nets.phi.apply(critic["phi"], jnp.concatenate([s[sl], a[sl]], axis=-1)) @ psi(sl).T
+            f = (nets.phi.apply(first["phi"], jnp.concatenate([s[sl], a[sl]], axis=-1))
+                 @ cvl.goal_features(nets, first, goals[sl], absorbing[sl]).T)
             return jnp.exp(cvl.off_diagonal(f)).sum(axis=1) / (b - 1)
 
         zs = per_batch(z)
