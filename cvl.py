@@ -197,12 +197,13 @@ def make_dir(path: Path, what: str, fix: str = "choose a writable location") -> 
 
 
 def check_config(cfg: Config) -> None:
-    """Range-check every flag, on every path (train, --resume, --evaluate); one line per problem."""
+    """Range-check every flag, on every path (train, --resume, --evaluate, --inspect); one line per problem."""
     def flag(name):
         return "--" + name.replace("_", "-")
 
     positive = ("steps", "batch_size", "repr_dim", "critics", "num_seeds", "updates_per_call", "eval_every",
-                "eval_episodes", "checkpoint_every", "lr", "adam_eps", "actor_min_std", "awr_max_weight", "td_max_weight")
+                "eval_episodes", "checkpoint_every", "lr", "adam_eps", "actor_min_std", "awr_max_weight",
+                "td_max_weight")
     for name in positive:
         if not getattr(cfg, name) > 0:
             raise CVLError(f"{flag(name)} must be positive, got {getattr(cfg, name)}")
