@@ -704,6 +704,7 @@ def test_contrastive_td_loss_matches_a_plain_loop():
 
 
 BC_CHECKED = set()
+FROZEN_CRITIC = {"phi": None, "absorbing": jnp.zeros(2)}  # a hand-made phi (below) and psi, one critic
 
 
 @pytest.mark.parametrize("objective, flags", [
@@ -727,7 +728,7 @@ def test_actor_moves_towards_what_a_frozen_critic_prefers(objective, flags):
         actor = nets.actor.init(jax.random.key(0), s)
         opt = cvl.make_optimizer(cfg)
         opt_state = opt.init(actor)
-        loss = jax.jit(jax.grad(lambda p, k: cvl.ACTOR_OBJECTIVES[objective](p, {"phi": None}, psi, nets, batch, k,
+        loss = jax.jit(jax.grad(lambda p, k: cvl.ACTOR_OBJECTIVES[objective](p, FROZEN_CRITIC, psi, nets, batch, k,
                                                                             cfg.alpha, cfg)[0]))
         for i in range(300):
             updates, opt_state = opt.update(loss(actor, jax.random.key(i)), opt_state)
@@ -1460,12 +1461,12 @@ def test_alpha_above_zero_keeps_the_policy_wider():
         actor = nets.actor.init(jax.random.key(0), s)
         opt = cvl.make_optimizer(cfg)
         opt_state = opt.init(actor)
-        grad = jax.jit(jax.grad(lambda p, k: cvl.actor_loss_q(p, {"phi": None}, psi, nets, batch, k, cfg.alpha,
+        grad = jax.jit(jax.grad(lambda p, k: cvl.actor_loss_q(p, FROZEN_CRITIC, psi, nets, batch, k, cfg.alpha,
                                                               cfg)[0]))
         for i in range(300):
             updates, opt_state = opt.update(grad(actor, jax.random.key(i)), opt_state)
             actor = optax.apply_updates(actor, updates)
-        entropy[alpha] = float(cvl.actor_loss_q(actor, {"phi": None}, psi, nets, batch, jax.random.key(0), alpha,
+        entropy[alpha] = float(cvl.actor_loss_q(actor, FROZEN_CRITIC, psi, nets, batch, jax.random.key(0), alpha,
                                                 cfg)[1]["entropy"])
     assert entropy[1.0] > entropy[0.0] + 1.0, entropy
 
