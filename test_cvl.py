@@ -704,7 +704,8 @@ def test_contrastive_td_loss_matches_a_plain_loop():
 
 
 BC_CHECKED = set()
-FROZEN_CRITIC = {"phi": None, "absorbing": jnp.zeros(2)}  # a hand-made phi (below) and psi, one critic
+FROZEN_CRITIC = {"phi": None, "absorbing": np.zeros(2, np.float32)}  # hand-made phi and psi (below); numpy, since
+# a JAX array made at import would start JAX before the multi-process test can call jax.distributed.initialize()
 
 
 @pytest.mark.parametrize("objective, flags", [
