@@ -243,6 +243,12 @@ D4RL_NAMES = [f"{env}-{kind}-v2" for env in D4RL_ENVS for kind in D4RL_KINDS]
 REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
 
 
+def d4rl_file(name: str) -> str:
+    """D4RL's file name for a dataset name, e.g. halfcheetah-medium-v2 -> halfcheetah_medium-v2.hdf5."""
+    env, kind = name[: -len("-v2")].split("-", 1)
+    return f"{env}_{kind.replace('-', '_')}-v2.hdf5"
+
+
 def d4rl_urls(name: str, base: str = "") -> list[str]:
     """Where D4RL's file for a dataset name may be, in the order tried, e.g. halfcheetah-medium-v2 ->
     [BASE/gym_mujoco_v2/halfcheetah_medium-v2.hdf5] on D4RL's host. A mirror BASE is tried in D4RL's layout, then
@@ -252,8 +258,7 @@ def d4rl_urls(name: str, base: str = "") -> list[str]:
         close = difflib.get_close_matches(name, D4RL_NAMES, n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(D4RL_NAMES[:5])}, ..."
         raise CVLError(f"unknown D4RL env {name!r}: {hint} (or pass --dataset PATH, or a Minari id)")
-    env, kind = name[: -len("-v2")].split("-", 1)
-    file = f"{env}_{kind.replace('-', '_')}-v2.hdf5"
+    file = d4rl_file(name)
     source = "--d4rl-url" if base else "CVL_D4RL_URL"
     mirror = base or os.environ.get("CVL_D4RL_URL", "")
     base = (mirror or D4RL_URL).rstrip("/")
@@ -362,8 +367,8 @@ def resolve_dataset(cfg: Config) -> Path:
     """The dataset file for this config: --dataset, else the D4RL cache, downloading if needed."""
     if cfg.dataset:
         return Path(cfg.dataset).expanduser()
-    urls = d4rl_urls(cfg.env, cfg.d4rl_url)
-    path = d4rl_cache_dir() / urls[0].rsplit("/", 1)[1]
+    urls = d4rl_urls(cfg.env, cfg.d4rl_url)  # checks the name first
+    path = d4rl_cache_dir() / d4rl_file(cfg.env)
     return path if path.exists() else download(urls, path)
 
 

@@ -248,10 +248,11 @@ def test_flat_mirrors_and_url_templates(http_server, tmp_path, dataset, monkeypa
     assert [(p, code) for p, code in handler.requests] == [("/flat/gym_mujoco_v2/hopper_medium-v2.hdf5", None),
                                                           ("/flat/hopper_medium-v2.hdf5", None)]  # 404, then flat
     handler.requests.clear()
-    handler.files["/repo/resolve/main/hopper_expert-v2.hdf5"] = dataset.read_bytes()
-    cfg = cvl.Config(env="hopper-expert-v2", d4rl_url=f"{base}/repo/resolve/main/{{file}}")
-    assert cvl.resolve_dataset(cfg).read_bytes() == dataset.read_bytes()
-    assert [p for p, _ in handler.requests] == ["/repo/resolve/main/hopper_expert-v2.hdf5"]
+    handler.files["/repo/resolve/main/hopper_expert-v2.hdf5?download=1"] = dataset.read_bytes()
+    cfg = cvl.Config(env="hopper-expert-v2", d4rl_url=f"{base}/repo/resolve/main/{{file}}?download=1")
+    path = cvl.resolve_dataset(cfg)  # cached under the file's own name, not the URL's tail
+    assert path == tmp_path / "d4rl" / "hopper_expert-v2.hdf5" and path.read_bytes() == dataset.read_bytes()
+    assert [p for p, _ in handler.requests] == ["/repo/resolve/main/hopper_expert-v2.hdf5?download=1"]
     cfg = cvl.Config(env="walker2d-expert-v2", d4rl_url=f"{base}/nowhere", out=str(tmp_path / "runs"))
     with pytest.raises(cvl.CVLError) as err:
         cvl.train(cfg)
