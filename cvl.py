@@ -314,11 +314,9 @@ def download_from(url: str, path: Path, chunk: int = 1 << 20) -> Path:
                 while block := response.read(chunk):
                     f.write(block)
                     bar.update(len(block))
-    except urllib.error.HTTPError as e:
-        if e.code == 404:
+    except (urllib.error.URLError, OSError, ValueError) as e:  # HTTPError is a URLError
+        if isinstance(e, urllib.error.HTTPError) and e.code == 404:
             raise NotFound(url) from None
-        raise CVLError(f"download of {url} failed ({e}); run again to resume, or {by_hand}") from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
         raise CVLError(f"download of {url} failed ({e}); run again to resume, or {by_hand}") from None
     size = part.stat().st_size
     if total is not None and size != total:
@@ -1140,9 +1138,16 @@ def plot_learning_curve(rows: list[dict], path: Path, title: str) -> None:
         ax.set_title(label)
         ax.grid(alpha=0.3)
     fig.suptitle(title)
+    save_figure(fig, path, "the learning curve")
+
+
+def save_figure(fig, path: Path, what: str) -> None:
+    """Lay out, write through write_file, and close a matplotlib figure (closed even when the write fails)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     try:
-        write_file(path, lambda tmp: fig.savefig(tmp, dpi=110), "the learning curve")
+        write_file(path, lambda tmp: fig.savefig(tmp, dpi=110), what)
     finally:
         plt.close(fig)
 
@@ -1230,6 +1235,12 @@ def new_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
+def run_directory(path) -> Path:
+    """The run directory that --resume PATH names: PATH itself, or the folder of the checkpoint file PATH."""
+    path = Path(path)
+    return path.parent if path.is_file() else path
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: Path):
     """Hold an exclusive lock on run_dir while a run trains, so a second cvl.py on the same run (two --resume at
@@ -1294,24 +1305,28 @@ def load_raw(cfg: Config) -> tuple[dict[str, np.ndarray], str, tuple[str, float 
         return minari_arrays(dataset), f"Minari dataset {cfg.env}", minari_eval_spec(dataset, cfg.eval_env)
     spec = eval_env_spec(cfg)
     path = resolve_dataset(cfg)
-    fix = ("check that it is a complete .hdf5 or .npz file" if cfg.dataset
-           else "delete it and run again to download it again")
-    return read_dataset_file(path, fix=fix), str(path), spec
+    if cfg.dataset:
+        return read_dataset_file(path), str(path), spec
+    return read_dataset_file(path, fix="delete it and run again to download it again"), str(path), spec
+
+
+def load_validated(cfg: Config):
+    """(validated arrays, where they came from, eval env spec, obs dim, action dim): the dataset checked against
+    its eval env, the same way for training and --inspect."""
+    raw, where, spec = load_raw(cfg)
+    obs_dim, act_dim, low, high = env_spaces(spec[0])
+    return validate_dataset(raw, where, obs_dim, act_dim, low, high), where, spec, obs_dim, act_dim
 
 
 def load_env_data(cfg: Config):
     """Dataset, eval env and dimensions, validated against each other."""
-    raw, where, (env_id, ref_min, ref_max) = load_raw(cfg)
-    obs_dim, act_dim, low, high = env_spaces(env_id)
-    raw = validate_dataset(raw, where, obs_dim, act_dim, low, high)
-    return make_data(raw), (env_id, ref_min, ref_max), obs_dim, act_dim
+    raw, _, spec, obs_dim, act_dim = load_validated(cfg)
+    return make_data(raw), spec, obs_dim, act_dim
 
 
 def inspect_dataset(cfg: Config) -> dict:
     """--inspect: what the dataset holds, loaded and validated exactly as for training; no training."""
-    raw, where, (env_id, ref_min, ref_max) = load_raw(cfg)
-    obs_dim, act_dim, low, high = env_spaces(env_id)
-    raw = validate_dataset(raw, where, obs_dim, act_dim, low, high)
+    raw, where, (env_id, ref_min, ref_max), obs_dim, act_dim = load_validated(cfg)
     ends = np.unique(split_episodes(raw))
     starts = np.r_[0, ends[:-1] + 1]
     lengths, returns = ends - starts + 1, np.add.reduceat(raw["rewards"].astype(np.float64), starts)
@@ -1367,11 +1382,7 @@ def plot_returns(returns, path: Path, title: str, ref_min, ref_max) -> None:
                                                    lambda x: ref_min + np.asarray(x) * (ref_max - ref_min) / 100))
         top.set_xlabel("normalised score")
     ax.set_title(title)
-    fig.tight_layout()
-    try:
-        write_file(path, lambda tmp: fig.savefig(tmp, dpi=110), "the return histogram")
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, "the return histogram")
 
 
 def train(cfg: Config) -> dict:
@@ -1387,8 +1398,8 @@ def train(cfg: Config) -> dict:
     seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
     state = init_states(cfg, nets, seeds, obs_dim, act_dim)
     fresh = not cfg.resume
-    if cfg.resume:  # a run directory, or the checkpoint file in one
-        run_dir = Path(cfg.resume).parent if Path(cfg.resume).is_file() else Path(cfg.resume)
+    if cfg.resume:
+        run_dir = run_directory(cfg.resume)
     else:
         run_dir = new_run_dir(cfg) if lead else Path(cfg.out)
     with contextlib.ExitStack() as cleanup:
@@ -1432,13 +1443,16 @@ def train_loop(state, data, train_chunk, elapsed, *, cfg, lead, run_dir, log, ne
 
         wandb_run = wandb.init(project=cfg.wandb_project, config=dataclasses.asdict(cfg), name=run_dir.name)
 
+    def write_failed(e: WriteError) -> WriteError:  # what a full disk mid-run costs, and how to go on
+        return WriteError(f"{e}; the last good checkpoint (step {saved_step}) in {run_dir} is kept: free space, "
+                          f"then continue with: python cvl.py --resume {run_dir}")
+
     def checkpoint(state, step):
         nonlocal saved_step
         try:
             save_checkpoint(run_dir, state, cfg, log.rows)
         except WriteError as e:
-            raise WriteError(f"{e}; the last good checkpoint (step {saved_step}) in {run_dir} is kept: free space, "
-                             f"then continue with: python cvl.py --resume {run_dir}") from None
+            raise write_failed(e) from None
         saved_step = step
 
     stop = {}  # set by SIGINT/SIGTERM; the wait for a jitted call polls it
@@ -1481,9 +1495,8 @@ def train_loop(state, data, train_chunk, elapsed, *, cfg, lead, run_dir, log, ne
             if lead:
                 try:
                     log.append(row)
-                except WriteError as e:  # the rows live on in memory and in the checkpoint
-                    raise WriteError(f"{e}; the last good checkpoint (step {saved_step}) in {run_dir} is kept: free "
-                                     f"space, then continue with: python cvl.py --resume {run_dir}") from None
+                except WriteError as e:  # the rows after the last checkpoint are recomputed on resume
+                    raise write_failed(e) from None
                 if wandb_run is not None:
                     wandb_run.log(row, step=step)
             bar.update(n)
@@ -1634,9 +1647,7 @@ def parse_args(argv: Sequence[str] | None = None):
 def resume_config(run_dir: str, **given) -> Config:
     """The saved config of run_dir (or of the run its checkpoint file is in); a given value that contradicts it is an
     error naming the flag."""
-    run_dir = Path(run_dir)
-    if run_dir.is_file():
-        run_dir = run_dir.parent
+    run_dir = run_directory(run_dir)
     saved = load_checkpoint(run_dir)["config"]
     may_change = {"resume", "progress", "wandb", "wandb_project", "steps"}
     for name, value in given.items():
