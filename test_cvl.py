@@ -709,33 +709,45 @@ FROZEN_CRITIC = {"phi": None, "absorbing": np.zeros(2, np.float32)}  # hand-made
 # a JAX array made at import would start JAX before the multi-process test can call jax.distributed.initialize()
 
 
+def frozen_critic_problem(b: int, data_actions: bool):
+    """A batch of b rows (3-dim states, 2-dim actions: uniform in [-0.9, 0.9], or zeros) and a hand-made frozen
+    critic, f(s, a, g_j) = 4 a_0 r_j: goals with high reward favour a high first action, so Q rises with a_0."""
+    rng = np.random.default_rng(0)
+    s = jnp.asarray(rng.normal(size=(b, 3)), jnp.float32)
+    a = jnp.asarray(rng.uniform(-0.9, 0.9, (b, 2)), jnp.float32) if data_actions else jnp.zeros((b, 2))
+    r = jnp.asarray(rng.normal(size=b), jnp.float32)
+    batch = cvl.Batch(s, a, s, jnp.zeros(b, bool), r, s, jnp.zeros(b, bool), jnp.zeros(b, bool))
+    phi = type("Phi", (), {"apply": staticmethod(lambda _, x: jnp.stack([4 * x[:, 3], x[:, 0] * 0], 1))})()
+    return batch, jnp.stack([r, jnp.zeros(b)], axis=1), phi
+
+
+def train_against_frozen_critic(batch, psi, phi, **flags):
+    """300 Adam steps of the configured actor objective alone against the frozen critic; (cfg, nets, actor)."""
+    cfg = cvl.make_config("cpu", **flags)
+    nets = cvl.make_networks(cfg, 2)._replace(phi=phi)
+    actor = nets.actor.init(jax.random.key(0), batch.observations)
+    opt = cvl.make_optimizer(cfg)
+    opt_state = opt.init(actor)
+    grad = jax.jit(jax.grad(lambda p, k: cvl.ACTOR_OBJECTIVES[cfg.actor_objective](p, FROZEN_CRITIC, psi, nets, batch,
+                                                                                  k, cfg.alpha, cfg)[0]))
+    for i in range(300):
+        updates, opt_state = opt.update(grad(actor, jax.random.key(i)), opt_state)
+        actor = optax.apply_updates(actor, updates)
+    return cfg, nets, actor
+
+
 @pytest.mark.parametrize("objective, flags", [
     ("awr", dict(awr_beta=2.0)), ("q", dict(bc_coef=0.5)), ("q", dict(bc_coef=0.5, q_estimator="marginal")),
     ("q", dict(bc_coef=0.5, q_estimator="diag"))])
 def test_actor_moves_towards_what_a_frozen_critic_prefers(objective, flags):
-    """A hand-made frozen critic whose Q rises with the first action dimension: each actor objective, trained
-    alone, moves the policy's first action up, while behaviour cloning of the same data (centred on 0) does not."""
-    rng = np.random.default_rng(0)
-    b, obs_dim, act_dim = 256, 3, 2
-    s = jnp.asarray(rng.normal(size=(b, obs_dim)), jnp.float32)
-    a = jnp.asarray(rng.uniform(-0.9, 0.9, (b, act_dim)), jnp.float32)
-    r = jnp.asarray(rng.normal(size=b), jnp.float32)
-    batch = cvl.Batch(s, a, s, jnp.zeros(b, bool), r, s, jnp.zeros(b, bool), jnp.zeros(b, bool))
-    psi = jnp.stack([r, jnp.zeros(b)], axis=1)  # f(s, a, g_j) = 4 a_0 r_j: goals with high reward favour high a_0
-    phi = type("Phi", (), {"apply": staticmethod(lambda _, x: jnp.stack([4 * x[:, obs_dim], x[:, 0] * 0], 1))})()
+    """Each actor objective, trained alone against the frozen critic, moves the policy's first action up, while
+    behaviour cloning of the same data (centred on 0) does not."""
+    batch, psi, phi = frozen_critic_problem(256, data_actions=True)
 
     def train_actor(**kw):
-        cfg = cvl.make_config("cpu", hidden=(32, 32), actor_objective=objective, **kw)
-        nets = cvl.make_networks(cfg, act_dim)._replace(phi=phi)
-        actor = nets.actor.init(jax.random.key(0), s)
-        opt = cvl.make_optimizer(cfg)
-        opt_state = opt.init(actor)
-        loss = jax.jit(jax.grad(lambda p, k: cvl.ACTOR_OBJECTIVES[objective](p, FROZEN_CRITIC, psi, nets, batch, k,
-                                                                            cfg.alpha, cfg)[0]))
-        for i in range(300):
-            updates, opt_state = opt.update(loss(actor, jax.random.key(i)), opt_state)
-            actor = optax.apply_updates(actor, updates)
-        return np.asarray(cvl.eval_action(nets, actor, s))[:, 0].mean()
+        _, nets, actor = train_against_frozen_critic(batch, psi, phi, hidden=(32, 32), actor_objective=objective,
+                                                     **kw)
+        return np.asarray(cvl.eval_action(nets, actor, batch.observations))[:, 0].mean()
 
     if objective not in BC_CHECKED:  # behaviour cloning is the same whatever the estimator: check it once
         assert abs(train_actor(**(dict(awr_beta=0.0) if objective == "awr" else dict(bc_coef=1.0)))) < 0.15
@@ -1448,26 +1460,11 @@ def test_auto_alpha_rises_while_entropy_is_below_target_and_falls_above(raw_smal
 
 
 def test_alpha_above_zero_keeps_the_policy_wider():
-    """With the Q term alone (bc_coef 0) against a frozen hand-made critic, --alpha 1 keeps more entropy than 0."""
-    rng = np.random.default_rng(0)
-    b = 128
-    s = jnp.asarray(rng.normal(size=(b, 3)), jnp.float32)
-    r = jnp.asarray(rng.normal(size=b), jnp.float32)
-    batch = cvl.Batch(s, s[:, :2] * 0, s, jnp.zeros(b, bool), r, s, jnp.zeros(b, bool), jnp.zeros(b, bool))
-    psi = jnp.stack([r, jnp.zeros(b)], axis=1)
-    phi = type("Phi", (), {"apply": staticmethod(lambda _, x: jnp.stack([4 * x[:, 3], x[:, 0] * 0], 1))})()
+    """With the Q term alone (bc_coef 0) against the frozen critic, --alpha 1 keeps more entropy than 0."""
+    batch, psi, phi = frozen_critic_problem(128, data_actions=False)
     entropy = {}
     for alpha in (0.0, 1.0):
-        cfg = cvl.make_config("cpu", hidden=(32,), bc_coef=0.0, alpha=alpha)
-        nets = cvl.make_networks(cfg, 2)._replace(phi=phi)
-        actor = nets.actor.init(jax.random.key(0), s)
-        opt = cvl.make_optimizer(cfg)
-        opt_state = opt.init(actor)
-        grad = jax.jit(jax.grad(lambda p, k: cvl.actor_loss_q(p, FROZEN_CRITIC, psi, nets, batch, k, cfg.alpha,
-                                                              cfg)[0]))
-        for i in range(300):
-            updates, opt_state = opt.update(grad(actor, jax.random.key(i)), opt_state)
-            actor = optax.apply_updates(actor, updates)
+        cfg, nets, actor = train_against_frozen_critic(batch, psi, phi, hidden=(32,), bc_coef=0.0, alpha=alpha)
         entropy[alpha] = float(cvl.actor_loss_q(actor, FROZEN_CRITIC, psi, nets, batch, jax.random.key(0), alpha,
                                                 cfg)[1]["entropy"])
     assert entropy[1.0] > entropy[0.0] + 1.0, entropy
