@@ -659,12 +659,25 @@ def test_contrastive_td_critic_learns_where_the_future_is_predictable(tmp_path):
     assert history[-1]["logits_pos"] > history[-1]["logits_neg"] + 1.0
 
 
-def test_contrastive_td_loss_matches_a_plain_loop():
+def logit_by_hand(nets, critic, s, a, g, absorbing) -> float:
+    """f(s, a, g) from the networks' raw outputs: phi . psi, or with --repr-norm unit (a critic with a log_scale)
+    exp(log_scale) cos(phi, psi) + bias."""
+    phi = np.asarray(nets.phi.apply(critic["phi"], np.concatenate([s, a])[None]))[0].astype(np.float64)
+    psi = np.asarray(critic["absorbing"] if absorbing else nets.psi.apply(critic["psi"], g[None])[0], np.float64)
+    if "log_scale" not in critic:
+        return float(phi @ psi)
+    cos = phi @ psi / np.linalg.norm(phi) / np.linalg.norm(psi)
+    return float(np.exp(critic["log_scale"]) * cos + critic["bias"])
+
+
+@pytest.mark.parametrize("repr_norm", ["none", "unit"])
+def test_contrastive_td_loss_matches_a_plain_loop(repr_norm):
     """(1 - gamma) BCE(f(s, a, s'), 1) + mean_{j != i} [gamma w_ij BCE(f_ij, 1) + BCE(f_ij, 0)], with w from the
     target critic at (s', a' ~ pi) and, after a fall, w = 1 / P(absorbing) on absorbing goals only."""
     rng = np.random.default_rng(0)
     b, obs_dim, act_dim = 6, 3, 2
-    cfg = cvl.make_config("cpu", hidden=(16,), repr_dim=4, critic_loss="td", gamma=0.8, td_max_weight=3.0)
+    cfg = cvl.make_config("cpu", hidden=(16,), repr_dim=4, critic_loss="td", gamma=0.8, td_max_weight=3.0,
+                          repr_norm=repr_norm)
     nets = cvl.make_networks(cfg, act_dim)
     state = cvl.init_state(jax.random.key(0), cfg, nets, obs_dim, act_dim)
     target = jax.tree.map(lambda x: x * 1.5 + 0.1, state.critic)  # a target different from the critic
@@ -676,10 +689,7 @@ def test_contrastive_td_loss_matches_a_plain_loop():
     key = jax.random.key(5)
     loss, (metrics, _) = cvl.critic_loss_td(state.critic, state, batch, key, cfg, nets, lambda x, *_: x)
 
-    def f(critic, s, a, g, absorbing):
-        phi = np.asarray(nets.phi.apply(critic["phi"], np.concatenate([s, a])[None]))[0]
-        psi = np.asarray(critic["absorbing"]) if absorbing else np.asarray(nets.psi.apply(critic["psi"], g[None]))[0]
-        return float(phi @ psi)
+    f = partial(logit_by_hand, nets)
 
     def bce(x, y):
         return float(np.log1p(np.exp(-x))) if y else float(np.log1p(np.exp(x)))
@@ -702,6 +712,37 @@ def test_contrastive_td_loss_matches_a_plain_loop():
             row += (cfg.gamma * min(w, cfg.td_max_weight) * bce(fij, 1) + bce(fij, 0)) / (b - 1)
         total += row / b
     assert float(loss) == pytest.approx(total, rel=1e-4)
+
+
+@pytest.mark.parametrize("repr_norm", ["none", "unit"])
+def test_unit_norm_representations_leave_an_action_only_the_direction_of_phi(raw_small, repr_norm):
+    """With --repr-norm unit the logits are scale * cos(phi, psi) + bias (checked against the raw networks), so
+    lengthening phi(s, a), e.g. by scaling its last layer, changes neither the critic's loss nor Q; without it, it
+    changes both."""
+    cfg = cvl.make_config("cpu", hidden=(32,), repr_dim=8, batch_size=16, repr_norm=repr_norm)
+    nets = cvl.make_networks(cfg, 6)
+    state = cvl.init_state(jax.random.key(0), cfg, nets, 17, 6)
+    batch = cvl.sample_batch(cvl.make_data(raw_small), jax.random.key(1), 16, 0.99, "arrival")
+    batch = batch._replace(absorbing=batch.absorbing.at[3].set(True))  # one absorbing goal among them
+    logits, _ = cvl.critic_logits(nets, state.critic, batch.observations, batch.actions, batch.goals, batch.absorbing)
+    s, a, g, absorbing = (np.asarray(x) for x in (batch.observations, batch.actions, batch.goals, batch.absorbing))
+    for i, j in [(0, 1), (2, 2), (5, 3)]:
+        assert float(logits[i, j]) == pytest.approx(logit_by_hand(nets, state.critic, s[i], a[i], g[j], absorbing[j]),
+                                                    rel=1e-4, abs=1e-5)
+
+    def loss_and_q(critic):
+        loss, (_, psi) = cvl.critic_loss_nce(critic, state, batch, None, cfg, nets, lambda x, *_: x)
+        return float(loss), np.asarray(cvl.q_estimate(nets, critic, s, a, psi, batch.goal_rewards, cfg))
+
+    last = max(k for k in state.critic["phi"]["params"] if k.startswith("Dense"))
+    longer = jax.tree_util.tree_map_with_path(
+        lambda path, x: 3.0 * x if any(getattr(p, "key", None) == last for p in path) and path[0].key == "phi" else x,
+        state.critic)
+    (loss, q), (loss3, q3) = loss_and_q(state.critic), loss_and_q(longer)
+    if repr_norm == "unit":
+        assert loss3 == pytest.approx(loss, rel=1e-5) and np.allclose(q3, q, rtol=1e-5)
+    else:
+        assert abs(loss3 - loss) > 1e-3 and not np.allclose(q3, q, rtol=1e-3)
 
 
 BC_CHECKED = set()

@@ -97,8 +97,8 @@ def main(argv=None):
         first = jax.tree.map(lambda x: x[0], critic) if cvl.is_ensemble(critic) else critic  # Z of one critic
 
         def z(sl):
-            f = (nets.phi.apply(first["phi"], jnp.concatenate([s[sl], a[sl]], axis=-1))
-                 @ cvl.goal_features(nets, first, goals[sl], absorbing[sl]).T)
+            f = cvl.pair_logits(first, cvl.sa_features(nets, first, s[sl], a[sl]),
+                                cvl.goal_features(nets, first, goals[sl], absorbing[sl]))
             return jnp.exp(cvl.off_diagonal(f)).sum(axis=1) / (b - 1)
 
         zs = per_batch(z)
