@@ -83,6 +83,8 @@ class Config:
                            choices=("none", "unit"))
     critics: int = _flag(1, "Independent critics trained side by side on the same batches; Q is the minimum of their "
                          "estimates, which penalises actions they disagree on (the original code's twin_q: 2).")
+    conservative: float = _flag(0.0, "CQL's penalty on the critic: add W * (mean Q(s, a~pi) - mean Q(s, a_data)) / "
+                                "std(Q) to its loss, lowering Q where the actor goes and the data did not (0: off).")
     tau: float = _flag(0.005, "With --critic-loss td: Polyak step of the target critic.")
     td_max_weight: float = _flag(20.0, "With --critic-loss td: clip the bootstrap weights exp(f_target) here.")
     q_estimator: str = _flag("normalized", "normalized: sum_j softmax_j(f(s,a,g_j)) r_j over the batch's other rows' "
@@ -211,7 +213,7 @@ def check_config(cfg: Config) -> None:
     for name in positive:
         if not getattr(cfg, name) > 0:
             raise CVLError(f"{flag(name)} must be positive, got {getattr(cfg, name)}")
-    for name in ("seed", "devices", "alpha", "awr_beta", "video_steps", "num_processes"):
+    for name in ("seed", "devices", "alpha", "awr_beta", "video_steps", "num_processes", "conservative"):
         if not getattr(cfg, name) >= 0:
             raise CVLError(f"{flag(name)} must be >= 0, got {getattr(cfg, name)}")
     if cfg.process_id < -1:
@@ -810,6 +812,21 @@ def critic_loss_td(critic, state, batch: Batch, key, cfg: Config, nets: Networks
 CRITIC_LOSSES = {"nce": critic_loss_nce, "infonce": critic_loss_infonce, "td": critic_loss_td}
 
 
+def conservative_gap(critic, state, batch: Batch, key, psi, cfg: Config, nets: Networks):
+    """CQL's gap for --conservative: (mean Q(s, a~pi) - mean Q(s, a_data)) / std(Q(s, a_data)) on the batch.
+
+    The contrastive critic is trained on dataset actions only, so its Q elsewhere is extrapolation that the actor's
+    gradient exploits. Adding W times this gap to the critic's loss lowers Q at the current policy's actions and
+    raises it at the data's, through phi only (psi and the actor are held fixed). Dividing by the batch's std of Q
+    makes W free of the reward scale, so one W serves every dataset."""
+    mean, std = actor_dist(nets, state.actor, batch.observations, cfg)
+    a_pi = jax.lax.stop_gradient(jnp.tanh(mean + std * jax.random.normal(key, mean.shape)))
+    q_of = partial(q_estimate, nets, critic, batch.observations, psi=jax.lax.stop_gradient(psi),
+                   goal_rewards=batch.goal_rewards, cfg=cfg)
+    q_data = q_of(a=batch.actions)
+    return (q_of(a=a_pi).mean() - q_data.mean()) / (jax.lax.stop_gradient(q_data.std()) + 1e-6)
+
+
 # Q estimators. Each maps the logits f[i, j] = f(s_i, a_i, g_j) of B state-actions against the batch's B goals, and
 # the goals' rewards r_j, to an estimate of Q(s_i, a_i). Goal g_i was drawn from p(g | s_i, a_i), not from p(g):
 # the estimators that average over the batch's goals as samples of p(g) leave it out of row i's average.
@@ -964,11 +981,20 @@ def critic_loss(critic, state: TrainState, batch: Batch, key, cfg: Config, nets:
     """The --critic-loss of the critic, or with --critics > 1 the sum of each critic's (each against its own target)
     on the same batch, with their metrics averaged and their goal features psi stacked."""
     loss_fn = CRITIC_LOSSES[cfg.critic_loss]
+    if cfg.conservative > 0:
+        loss_fn = partial(with_conservative_penalty, loss_fn)
     if not is_ensemble(critic):
         return loss_fn(critic, state, batch, key, cfg, nets, shard)
     losses, (metrics, psi) = jax.vmap(lambda c, target: loss_fn(c, state.replace(critic_target=target), batch, key,
                                                                 cfg, nets, shard))(critic, state.critic_target)
     return losses.sum(), (jax.tree.map(jnp.mean, metrics), psi)
+
+
+def with_conservative_penalty(loss_fn, critic, state, batch, key, cfg, nets, shard):
+    """loss_fn's loss plus --conservative times conservative_gap (per critic in an ensemble)."""
+    loss, (metrics, psi) = loss_fn(critic, state, batch, key, cfg, nets, shard)
+    gap = conservative_gap(critic, state, batch, jax.random.fold_in(key, 7), psi, cfg, nets)
+    return loss + cfg.conservative * gap, ({**metrics, "conservative_gap": gap}, psi)
 
 
 def learn_from_batch(state: TrainState, batch: Batch, k_actor, cfg: Config, nets: Networks, shard):

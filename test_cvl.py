@@ -1471,6 +1471,39 @@ def test_twin_critics_learn_independently_and_q_is_their_minimum(raw_small, loss
             np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-7)
 
 
+def test_conservative_penalty_lowers_q_at_the_policys_actions_through_phi_only(raw_small):
+    """--conservative W adds W * (Q(s, a~pi) - Q(s, a_data)) / std to the critic's loss: psi and the absorbing vector get
+    exactly the plain loss's gradient, and a step along the penalty's own gradient in phi lowers Q at
+    fresh policy samples relative to Q at the data's actions."""
+    cfg = cvl.make_config("cpu", hidden=(32,), repr_dim=8, batch_size=32, conservative=5.0)
+    plain = dataclasses.replace(cfg, conservative=0.0)
+    nets = cvl.make_networks(cfg, 6)
+    state = cvl.init_state(jax.random.key(0), cfg, nets, 17, 6)
+    batch = cvl.sample_batch(cvl.make_data(raw_small), jax.random.key(1), 32, 0.99, "arrival")
+    key, shard = jax.random.key(2), (lambda x, *_: x)
+
+    def grad(c):
+        return jax.grad(lambda critic: cvl.critic_loss(critic, state, batch, key, c, nets, shard)[0])(state.critic)
+
+    with_penalty, without = grad(cfg), grad(plain)
+    for part in ("psi", "absorbing"):
+        for a, b in zip(jax.tree.leaves(with_penalty[part]), jax.tree.leaves(without[part])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+    penalty = jax.tree.map(lambda a, b: a - b, with_penalty["phi"], without["phi"])
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(penalty)) > 0
+
+    def gap(critic):  # fresh policy samples, 16 per state
+        psi = cvl.goal_features(nets, critic, batch.goals, batch.absorbing)
+        mean, std = cvl.actor_dist(nets, state.actor, batch.observations, cfg)
+        u = mean + std * jax.random.normal(jax.random.key(9), (16, *mean.shape))
+        q = partial(cvl.q_estimate, nets, critic, batch.observations, psi=psi, goal_rewards=batch.goal_rewards,
+                    cfg=cfg)
+        return float(jnp.mean(jax.vmap(lambda x: q(a=jnp.tanh(x)))(u)) - jnp.mean(q(a=batch.actions)))
+
+    stepped = {**state.critic, "phi": jax.tree.map(lambda p, g: p - 0.01 * g, state.critic["phi"], penalty)}
+    assert gap(stepped) < gap(state.critic) - 1e-4
+
+
 def test_bc_coef_1_is_exactly_behaviour_cloning(raw_small):
     cfg = cvl.make_config("cpu", hidden=(32,), repr_dim=8, batch_size=32, bc_coef=1.0)
     nets = cvl.make_networks(cfg, 6)
