@@ -1575,7 +1575,8 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
     np.testing.assert_allclose(diagnose_critic.mc_returns(rewards, ends, 0.9), expected, rtol=1e-10)
 
     final = cvl.train(small_config(dataset, tmp_path, steps=100, num_seeds=2, eval_every=100))
-    results = diagnose_critic.main([final["run_dir"], "--rows", "128", "--min-horizon", "20"])
+    results = diagnose_critic.main([final["run_dir"], "--rows", "128", "--min-horizon", "20", "--simulate", "16",
+                                    "--horizon", "20"])
     out = capsys.readouterr().out
     assert [r["seed"] for r in results] == [0, 1] and out.count("corr(Q, MC return)") == 6
     assert out.count("*normalized") == 2  # the estimator the run trained with is marked
@@ -1590,11 +1591,34 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
             assert len(q) == 128 and not np.array_equal(q, q_random)
             assert r[name]["corr"][0] == pytest.approx(np.corrcoef(q, want)[0, 1], abs=1e-6)
             assert r[name]["beats_random"] == np.mean(q > q_random)
+        sim, q = r["simulated"], r["normalized"]
+        assert sim["rows"] == 16 and sim["agree"] == np.mean((q["q"][:16] > q["q_random"][:16]) ==
+                                                             (sim["g_data"] > sim["g_random"]))
         # the normalised estimate is a weighted mean of the goals' rewards
         assert raw_small["rewards"].min() <= r["normalized"]["q"].min() <= r["normalized"]["q"].max() <= \
             raw_small["rewards"].max()
     with pytest.raises(SystemExit, match="lower --rows or --min-horizon"):
         diagnose_critic.main([final["run_dir"], "--rows", "128", "--min-horizon", "500"])
+
+
+def test_simulated_returns_restore_dataset_states_and_replay_their_rewards(raw_small):
+    """From a dataset row's restored state, the data's action gives the logged reward, and a policy that answers
+    each observation with the data's next action gives r_t + gamma r_{t+1} + gamma^2 r_{t+2}."""
+    diagnose_critic = import_bench("diagnose_critic")
+    obs, act, rew = (raw_small[k].astype(np.float64) for k in ("observations", "actions", "rewards"))
+    rows = np.array([3, 40, 77])  # rows with two more steps in their episode
+
+    def replay(o):  # the action the data took at the row whose observation this is
+        return act[np.abs(obs[None] - np.asarray(o)[:, None]).sum(-1).argmin(axis=1)]
+
+    one = diagnose_critic.simulated_returns(ENV_ID, obs[rows], act[rows], replay, 0.9, horizon=1)
+    np.testing.assert_allclose(one, rew[rows], rtol=1e-4, atol=1e-4)
+    three = diagnose_critic.simulated_returns(ENV_ID, obs[rows], act[rows], replay, 0.9, horizon=3)
+    np.testing.assert_allclose(three, rew[rows] + 0.9 * rew[rows + 1] + 0.81 * rew[rows + 2], rtol=1e-3, atol=1e-3)
+    twice = diagnose_critic.simulated_returns(ENV_ID, obs[rows], np.concatenate([act[rows], -act[rows]]), replay,
+                                              0.9, horizon=1)  # a second action per state: rows i and i + n
+    np.testing.assert_allclose(twice[:3], rew[rows], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(twice[3:], rew[rows], atol=1e-2)
 
 
 # ---------------------------------------------------------------------------------------------- TD3+BC

@@ -12,6 +12,12 @@ the negatives:
   - how often Q(s, a_data) > Q(s, a_random), a_random uniform in [-1, 1]^|A|;
   - Z(s, a) = mean_{j != i} exp(f(s, a, g_j)) and its correlation with that return: a density ratio averages to 1
     over p(g), so where Z varies it is what the raw estimates measure;
+  - with --simulate N (default 256), the simulator's answer for the first N rows: each row's state is restored in
+    the eval env, the data's action or the random one is taken, then the run's own policy (deterministic) acts for
+    --horizon steps; the discounted returns G say which of the two actions is truly better for that policy, and
+    the critic is scored on agreeing with them (a critic of the data's behaviour should agree where the policy is
+    close to it). States are restored from observations (x position 0, which these envs' dynamics ignore); rows
+    whose observation does not round-trip (e.g. a clipped velocity) are skipped;
 and, for --actor-objective q, the ratio of the actor's two gradient norms |grad (1 - bc) Q| / |grad bc * BC NLL| on a
 training batch (far below 1: the actor is behaviour cloning), from cvl.actor_loss_q itself.
 """
@@ -49,13 +55,15 @@ def main(argv=None):
     p.add_argument("run", help="a run directory (or its checkpoint.msgpack) written by cvl.py")
     p.add_argument("--rows", type=int, default=4096, help="dataset rows (s, a) to score (a multiple of the batch)")
     p.add_argument("--seed", type=int, default=0, help="seed for the rows, goals and random actions")
+    p.add_argument("--simulate", type=int, default=256, help="rows checked in the simulator (0: none)")
+    p.add_argument("--horizon", type=int, default=300, help="steps of each simulated return (gamma^300 = 0.05)")
     p.add_argument("--min-horizon", type=int, default=500, help="rows of time-limited episodes: at least this many "
                    "steps from the end")
     args = p.parse_args(argv)
 
     ckpt = cvl.load_checkpoint(Path(args.run))
     cfg = ckpt["config"]
-    data, _, obs_dim, act_dim = cvl.load_env_data(cfg)
+    data, (env_id, _, _), obs_dim, act_dim = cvl.load_env_data(cfg)
     nets = cvl.make_networks(cfg, act_dim)
     seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
     state = cvl.restore_state(cvl.init_states(cfg, nets, seeds, obs_dim, act_dim), ckpt["state"])
@@ -116,8 +124,64 @@ def main(argv=None):
             mark = "*" if name == cfg.q_estimator else " "
             print(f"   {mark}{name:>10}: corr(Q, MC return) {show(result[name]['corr'])} | "
                   f"Q(a_data) > Q(a_random) {result[name]['beats_random']:.3f} | Q mean {q_data.mean():.3g}")
+        if args.simulate:
+            n = min(args.simulate, n_rows)
+            policy = jax.jit(lambda obs: cvl.eval_action(nets, actor, obs))
+            g = simulated_returns(env_id, np.asarray(s[:n]), np.concatenate([np.asarray(a[:n]), np.asarray(a_rand[:n])]),
+                                  policy, cfg.gamma, args.horizon)
+            ok = ~np.isnan(g[:n]) & ~np.isnan(g[n:])
+            g_data, g_rand = g[:n][ok], g[n:][ok]
+            q_d, q_r = result[cfg.q_estimator]["q"][:n][ok], result[cfg.q_estimator]["q_random"][:n][ok]
+            result["simulated"] = dict(rows=int(ok.sum()), g_data=g_data, g_random=g_rand,
+                                       data_better=float(np.mean(g_data > g_rand)),
+                                       agree=float(np.mean((q_d > q_r) == (g_data > g_rand))),
+                                       corr=correlations(q_d - q_r, g_data - g_rand))
+            sim = result["simulated"]
+            print(f"    simulator ({sim['rows']} rows, {args.horizon} steps, then this seed's policy): the data's action "
+                  f"is better {sim['data_better']:.3f} of the time; the critic ({cfg.q_estimator}) agrees on which is "
+                  f"better {sim['agree']:.3f}; corr(Q(a_data) - Q(a_random), G(a_data) - G(a_random)) "
+                  f"{show(sim['corr'])}")
         results.append(result)
     return results
+
+
+def restore(env, obs: np.ndarray) -> bool:
+    """Put a MuJoCo locomotion env in the state an observation shows (qpos without x, then qvel); whether the
+    observation round-trips."""
+    u = env.unwrapped
+    nq = u.model.nq
+    u.set_state(np.concatenate([[0.0], obs[:nq - 1]]), obs[nq - 1:])
+    return bool(np.allclose(u._get_obs(), obs, atol=1e-4))
+
+
+def simulated_returns(env_id: str, states: np.ndarray, first_actions: np.ndarray, policy, gamma: float,
+                      horizon: int) -> np.ndarray:
+    """For each first action (len(states) * k of them, state i % len(states)): sum_{t < horizon} gamma^t r_t from
+    that state, the first action at t = 0 and policy(obs) after, with 0 after a termination; NaN for a state that
+    cannot be restored. All rollouts step in lockstep, so the policy runs once per step on every observation."""
+    import gymnasium as gym
+
+    n = len(first_actions)
+    with cvl.quiet_env_creation():
+        envs = [gym.make(env_id) for _ in range(n)]
+    obs = np.asarray(states, np.float64)[np.arange(n) % len(states)]
+    alive = np.ones(n, bool)
+    for i, env in enumerate(envs):
+        env.reset(seed=i)
+        alive[i] = restore(env, obs[i])
+    ret = np.where(alive, 0.0, np.nan)
+    actions = np.asarray(first_actions, np.float64)
+    for t in range(horizon):
+        for i in np.flatnonzero(alive):
+            obs[i], reward, terminated, _, _ = envs[i].unwrapped.step(actions[i])
+            ret[i] += gamma ** t * reward
+            alive[i] = not terminated
+        if not alive.any():
+            break
+        actions = np.asarray(policy(jnp.asarray(obs, jnp.float32)), np.float64)
+    for env in envs:
+        env.close()
+    return ret
 
 
 def correlations(x, y) -> tuple[float, float]:
