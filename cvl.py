@@ -84,7 +84,7 @@ class Config:
     critics: int = _flag(1, "Independent critics trained side by side on the same batches; Q is the minimum of their "
                          "estimates, which penalises actions they disagree on (the original code's twin_q: 2).")
     conservative: float = _flag(0.0, "CQL's penalty on the critic: add W * (mean Q(s, a~pi) - mean Q(s, a_data)) / "
-                                "std(Q) to its loss, lowering Q where the actor goes and the data did not (0: off).")
+                                "std(r(g)) to its loss, lowering Q where the actor goes and the data did not (0: off).")
     tau: float = _flag(0.005, "With --critic-loss td: Polyak step of the target critic.")
     td_max_weight: float = _flag(20.0, "With --critic-loss td: clip the bootstrap weights exp(f_target) here.")
     q_estimator: str = _flag("normalized", "normalized: sum_j softmax_j(f(s,a,g_j)) r_j over the batch's other rows' "
@@ -813,18 +813,19 @@ CRITIC_LOSSES = {"nce": critic_loss_nce, "infonce": critic_loss_infonce, "td": c
 
 
 def conservative_gap(critic, state, batch: Batch, key, psi, cfg: Config, nets: Networks):
-    """CQL's gap for --conservative: (mean Q(s, a~pi) - mean Q(s, a_data)) / std(Q(s, a_data)) on the batch.
+    """CQL's gap for --conservative: (mean Q(s, a~pi) - mean Q(s, a_data)) / std(r(g)) on the batch.
 
     The contrastive critic is trained on dataset actions only, so its Q elsewhere is extrapolation that the actor's
     gradient exploits. Adding W times this gap to the critic's loss lowers Q at the current policy's actions and
-    raises it at the data's, through phi only (psi and the actor are held fixed). Dividing by the batch's std of Q
-    makes W free of the reward scale, so one W serves every dataset."""
+    raises it at the data's, through phi only (psi and the actor are held fixed). Dividing by the std of the
+    goals' rewards makes W free of the reward scale, so one W serves every dataset. (Not by the std of Q: Q
+    flattens under the penalty, its std shrinks, the penalty's weight grows, and the critic collapsed to a constant
+    on halfcheetah-medium-local at W = 1.)"""
     mean, std = actor_dist(nets, state.actor, batch.observations, cfg)
     a_pi = jax.lax.stop_gradient(jnp.tanh(mean + std * jax.random.normal(key, mean.shape)))
     q_of = partial(q_estimate, nets, critic, batch.observations, psi=jax.lax.stop_gradient(psi),
                    goal_rewards=batch.goal_rewards, cfg=cfg)
-    q_data = q_of(a=batch.actions)
-    return (q_of(a=a_pi).mean() - q_data.mean()) / (jax.lax.stop_gradient(q_data.std()) + 1e-6)
+    return (q_of(a=a_pi).mean() - q_of(a=batch.actions).mean()) / (batch.goal_rewards.std() + 1e-6)
 
 
 # Q estimators. Each maps the logits f[i, j] = f(s_i, a_i, g_j) of B state-actions against the batch's B goals, and

@@ -1472,7 +1472,7 @@ def test_twin_critics_learn_independently_and_q_is_their_minimum(raw_small, loss
 
 
 def test_conservative_penalty_lowers_q_at_the_policys_actions_through_phi_only(raw_small):
-    """--conservative W adds W * (Q(s, a~pi) - Q(s, a_data)) / std to the critic's loss: psi and the absorbing vector get
+    """--conservative W adds W * (Q(s, a~pi) - Q(s, a_data)) / std(r) to the critic's loss: psi and the absorbing vector get
     exactly the plain loss's gradient, and a step along the penalty's own gradient in phi lowers Q at
     fresh policy samples relative to Q at the data's actions."""
     cfg = cvl.make_config("cpu", hidden=(32,), repr_dim=8, batch_size=32, conservative=5.0)
