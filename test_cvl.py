@@ -18,6 +18,7 @@ import threading
 import time
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import jax
@@ -1619,6 +1620,24 @@ def test_simulated_returns_restore_dataset_states_and_replay_their_rewards(raw_s
                                               0.9, horizon=1)  # a second action per state: rows i and i + n
     np.testing.assert_allclose(twice[:3], rew[rows], rtol=1e-4, atol=1e-4)
     assert not np.allclose(twice[3:], rew[rows], atol=1e-2)
+
+
+def test_results_stops_in_one_line_when_a_run_is_stopped_and_resumes_it_next_time(tmp_path, monkeypatch):
+    results = import_bench("results")
+    calls = []
+    monkeypatch.setattr(results.subprocess, "run",
+                        lambda cmd: calls.append(cmd) or subprocess.CompletedProcess(cmd, 143))
+    args = SimpleNamespace(steps=300, quiet=True)
+    with pytest.raises(SystemExit, match=r"cvl stopped with exit code 143; .* the same command resumes it"):
+        results.run_method(tmp_path / "cvl", results.CVL, ["--bc-coef", "1.0"], 3, "hopper-medium-local", args)
+    assert "--num-seeds" in calls[0] and calls[0][-3:] == ["--bc-coef", "1.0", "--no-progress"]
+    run = tmp_path / "cvl" / "hopper-medium-local__s0__x"  # what the stopped run left: a checkpoint at step 100
+    run.mkdir(parents=True)
+    (run / "checkpoint.msgpack").write_bytes(b"x")
+    (run / "metrics.csv").write_text("step,score\n100,1.0\n")
+    with pytest.raises(SystemExit):
+        results.run_method(tmp_path / "cvl", results.CVL, [], 3, "hopper-medium-local", args)
+    assert calls[1][2:6] == ["--resume", str(run), "--steps", "300"]
 
 
 # ---------------------------------------------------------------------------------------------- TD3+BC

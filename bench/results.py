@@ -63,7 +63,10 @@ def run_method(folder: Path, script: Path, flags: list[str], seeds: int, dataset
                "--num-seeds", str(seeds), "--seed", "0", "--out", str(folder), *flags]
     cmd = [sys.executable, str(script), *cmd, *(["--no-progress"] if args.quiet else [])]
     print("results: running", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    code = subprocess.run(cmd).returncode
+    if code != 0:  # stopped (Ctrl-C, SIGTERM: the run saved its last step) or failed (its own error line is above)
+        raise SystemExit(f"results: {folder} stopped with exit code {code}; what it saved is kept, and the same "
+                         "command resumes it")
 
 
 def summarise(run: Path) -> dict:
