@@ -681,11 +681,11 @@ def is_unit_norm(critic: dict) -> bool:
 def sa_features(nets: Networks, critic: dict, s, a):
     """phi(s, a); with --repr-norm unit, scale * phi / |phi|.
 
-    Why unit norm: with f = phi . psi the length of phi scales every logit of a row, so it sets how sharply the
-    softmax over goals picks the high-reward ones. An action the data never took is free to get a long phi, and
-    the actor's Q gradient finds it (on halfcheetah-medium-local, at 50k steps, a uniformly random action has the
-    longer phi 73-81% of the time and is rated above the data's action 70% of the time). Unit vectors leave the
-    action only the direction of phi to act on."""
+    Why unit norm (the paper's choice): with f = phi . psi the length of phi scales every logit of a row, so it
+    sets how sharply the softmax over goals picks the high-reward ones, and an action the data never took is free
+    to get a long phi (on halfcheetah-medium-local at 50k steps a uniformly random action had the longer phi 73-81%
+    of the time). Unit vectors leave the action only the direction of phi. It did not make the critic rank
+    actions better there (README Results, screen part 2): the length amplified a wrong direction."""
     phi = nets.phi.apply(critic["phi"], jnp.concatenate([s, a], axis=-1))
     return jnp.exp(critic["log_scale"]) * unit(phi) if is_unit_norm(critic) else phi
 
