@@ -690,9 +690,14 @@ def sa_features(nets: Networks, critic: dict, s, a):
     return jnp.exp(critic["log_scale"]) * unit(phi) if is_unit_norm(critic) else phi
 
 
+def logit_bias(critic: dict):
+    """The learned bias of every logit with --repr-norm unit; 0 otherwise."""
+    return critic["bias"] if is_unit_norm(critic) else 0.0
+
+
 def pair_logits(critic: dict, phi, psi):
-    """f(s_i, a_i, g_j) = phi_i . psi_j for all pairs (plus the learned bias with --repr-norm unit)."""
-    return phi @ psi.T + (critic["bias"] if is_unit_norm(critic) else 0.0)
+    """f(s_i, a_i, g_j) = phi_i . psi_j (+ the bias) for all pairs."""
+    return phi @ psi.T + logit_bias(critic)
 
 
 def goal_features(nets: Networks, critic: dict, g, absorbing):
@@ -725,6 +730,12 @@ def actor_dist(nets: Networks, actor, s, cfg: Config):
     to a fixed range as SAC-style actors do, so no data (e.g. actions at the bounds) can drive it to 0 or infinity."""
     mean, pre_std = jnp.split(nets.actor.apply(actor, s), 2, axis=-1)
     return mean, jnp.clip(jax.nn.softplus(pre_std), cfg.actor_min_std, cfg.actor_max_std)
+
+
+def policy_action(nets: Networks, actor, s, key, cfg: Config):
+    """One action a ~ pi(. | s) per row: tanh of a sample of the Gaussian."""
+    mean, std = actor_dist(nets, actor, s, cfg)
+    return jnp.tanh(mean + std * jax.random.normal(key, mean.shape))
 
 
 def tanh_gaussian_log_density(mean, std, u):
@@ -789,11 +800,10 @@ def critic_loss_td(critic, state, batch: Batch, key, cfg: Config, nets: Networks
     phi = sa_features(nets, critic, batch.observations, batch.actions)
     psi = goal_features(nets, critic, batch.goals, batch.absorbing)
     psi_next = goal_features(nets, critic, batch.next_observations, batch.next_absorbing)
-    pos = jnp.diagonal(pair_logits(critic, phi, psi_next))  # f(s_i, a_i, s'_i)
+    pos = jnp.sum(phi * psi_next, axis=-1) + logit_bias(critic)  # f(s_i, a_i, s'_i), row by row
     logits = shard(pair_logits(critic, phi, psi), "data", None)  # f(s_i, a_i, g_j)
 
-    mean, std = actor_dist(nets, state.actor, batch.next_observations, cfg)
-    next_a = jnp.tanh(mean + std * jax.random.normal(key, mean.shape))
+    next_a = policy_action(nets, state.actor, batch.next_observations, key, cfg)
     target = state.critic_target
     f_next = pair_logits(target, sa_features(nets, target, batch.next_observations, next_a),
                          goal_features(nets, target, batch.goals, batch.absorbing))
@@ -821,8 +831,7 @@ def conservative_gap(critic, state, batch: Batch, key, psi, cfg: Config, nets: N
     goals' rewards makes W free of the reward scale, so one W serves every dataset. (Not by the std of Q: Q
     flattens under the penalty, its std shrinks, the penalty's weight grows, and the critic collapsed to a constant
     on halfcheetah-medium-local at W = 1.)"""
-    mean, std = actor_dist(nets, state.actor, batch.observations, cfg)
-    a_pi = jax.lax.stop_gradient(jnp.tanh(mean + std * jax.random.normal(key, mean.shape)))
+    a_pi = jax.lax.stop_gradient(policy_action(nets, state.actor, batch.observations, key, cfg))
     q_of = partial(q_estimate, nets, critic, batch.observations, psi=jax.lax.stop_gradient(psi),
                    goal_rewards=batch.goal_rewards, cfg=cfg)
     return (q_of(a=a_pi).mean() - q_of(a=batch.actions).mean()) / (batch.goal_rewards.std() + 1e-6)

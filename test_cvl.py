@@ -735,10 +735,9 @@ def test_unit_norm_representations_leave_an_action_only_the_direction_of_phi(raw
         loss, (_, psi) = cvl.critic_loss_nce(critic, state, batch, None, cfg, nets, lambda x, *_: x)
         return float(loss), np.asarray(cvl.q_estimate(nets, critic, s, a, psi, batch.goal_rewards, cfg))
 
-    last = max(k for k in state.critic["phi"]["params"] if k.startswith("Dense"))
-    longer = jax.tree_util.tree_map_with_path(
-        lambda path, x: 3.0 * x if any(getattr(p, "key", None) == last for p in path) and path[0].key == "phi" else x,
-        state.critic)
+    params = state.critic["phi"]["params"]
+    last = max(k for k in params if k.startswith("Dense"))  # phi's output layer: 3x its kernel and bias, 3x phi
+    longer = {**state.critic, "phi": {"params": {**params, last: jax.tree.map(lambda x: 3.0 * x, params[last])}}}
     (loss, q), (loss3, q3) = loss_and_q(state.critic), loss_and_q(longer)
     if repr_norm == "unit":
         assert loss3 == pytest.approx(loss, rel=1e-5) and np.allclose(q3, q, rtol=1e-5)
@@ -1473,8 +1472,8 @@ def test_twin_critics_learn_independently_and_q_is_their_minimum(raw_small, loss
 
 
 def test_conservative_penalty_lowers_q_at_the_policys_actions_through_phi_only(raw_small):
-    """--conservative W adds W * (Q(s, a~pi) - Q(s, a_data)) / std(r) to the critic's loss: psi and the absorbing vector get
-    exactly the plain loss's gradient, and a step along the penalty's own gradient in phi lowers Q at
+    """--conservative W adds W * (Q(s, a~pi) - Q(s, a_data)) / std(r) to the critic's loss: psi and the absorbing
+    vector get exactly the plain loss's gradient, and a step along the penalty's own gradient in phi lowers Q at
     fresh policy samples relative to Q at the data's actions."""
     cfg = cvl.make_config("cpu", hidden=(32,), repr_dim=8, batch_size=32, conservative=5.0)
     plain = dataclasses.replace(cfg, conservative=0.0)

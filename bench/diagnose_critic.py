@@ -127,8 +127,8 @@ def main(argv=None):
         if args.simulate:
             n = min(args.simulate, n_rows)
             policy = jax.jit(lambda obs: cvl.eval_action(nets, actor, obs))
-            g = simulated_returns(env_id, np.asarray(s[:n]), np.concatenate([np.asarray(a[:n]), np.asarray(a_rand[:n])]),
-                                  policy, cfg.gamma, args.horizon)
+            first_actions = np.concatenate([np.asarray(a[:n]), np.asarray(a_rand[:n])])  # rows i and n + i
+            g = simulated_returns(env_id, np.asarray(s[:n]), first_actions, policy, cfg.gamma, args.horizon)
             ok = ~np.isnan(g[:n]) & ~np.isnan(g[n:])
             g_data, g_rand = g[:n][ok], g[n:][ok]
             q_d, q_r = result[cfg.q_estimator]["q"][:n][ok], result[cfg.q_estimator]["q_random"][:n][ok]
@@ -137,9 +137,9 @@ def main(argv=None):
                                        agree=float(np.mean((q_d > q_r) == (g_data > g_rand))),
                                        corr=correlations(q_d - q_r, g_data - g_rand))
             sim = result["simulated"]
-            print(f"    simulator ({sim['rows']} rows, {args.horizon} steps, then this seed's policy): the data's action "
-                  f"is better {sim['data_better']:.3f} of the time; the critic ({cfg.q_estimator}) agrees on which is "
-                  f"better {sim['agree']:.3f}; corr(Q(a_data) - Q(a_random), G(a_data) - G(a_random)) "
+            print(f"    simulator ({sim['rows']} rows, {args.horizon} steps, then this seed's policy): the data's "
+                  f"action is better {sim['data_better']:.3f} of the time; the critic ({cfg.q_estimator}) agrees on "
+                  f"which is better {sim['agree']:.3f}; corr(Q(a_data) - Q(a_random), G(a_data) - G(a_random)) "
                   f"{show(sim['corr'])}")
         results.append(result)
     return results
