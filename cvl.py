@@ -106,6 +106,10 @@ class Config:
     awr_beta: float = _flag(1.0, "With --actor-objective awr: inverse temperature on the batch-standardised "
                             "advantage (0: behaviour cloning).")
     awr_max_weight: float = _flag(100.0, "With --actor-objective awr: clip the weights exp(beta A) at this value.")
+    awr_advantage: str = _flag("q", "With --actor-objective awr: q: A = Q(s, a_data) - V(s), the critic's own "
+                               "action ranking; td: A = (1 - gamma) r + gamma V(s') - V(s) on the data's transition, "
+                               "which needs only the critic's ranking of states. V(s) = mean Q(s, a~pi).",
+                               choices=("q", "td"))
     alpha: float = _flag(0.0, "Entropy coefficient (0: no entropy bonus, as in the paper's offline setting).")
     auto_alpha: bool = _flag(False, "Tune alpha SAC-style towards entropy -|A| instead of a fixed --alpha.")
     actor_min_std: float = _flag(1e-6, "Lower bound of the std of the actor's Gaussian before tanh.")
@@ -589,6 +593,7 @@ class Batch(NamedTuple):
     next_observations: jax.Array  # s_{t+1} (contrastive TD's positive goal)
     next_absorbing: jax.Array  # s_{t+1} is not stored and the episode fell there: the absorbing state stands in
     done: jax.Array  # row t ends its episode by a true termination: nothing but the absorbing state follows
+    rewards: jax.Array  # r_t, paid for the step s_t -> s_{t+1} (the TD advantage of --awr-advantage td)
 
 
 def sample_future_offset(key: jax.Array, horizon: jax.Array, gamma: float) -> jax.Array:
@@ -642,7 +647,7 @@ def sample_batch(data: Data, key: jax.Array, batch_size: int, gamma: float, rewa
     t = data.anchors[jax.random.randint(k_row, (batch_size,), 0, data.anchors.shape[0])]
     goals, absorbing, goal_rewards = sample_goals(data, k_offset, t, gamma, reward_kind)
     return Batch(data.observations[t], data.actions[t], goals, absorbing, goal_rewards, data.next_observations[t],
-                 t > data.known_end[t], data.terminal[t] & (t == data.episode_end[t]))
+                 t > data.known_end[t], data.terminal[t] & (t == data.episode_end[t]), data.rewards[t])
 
 
 # ===================================================================================================== networks
@@ -911,23 +916,49 @@ def actor_loss_q(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, c
     return loss, dict(actor_loss=loss, q_mean=q.mean(), bc_nll=bc.mean(), entropy=-log_prob.mean())
 
 
+def state_value(q_of, s, mean, std, key):
+    """V(s) = mean of Q(s, a~) over a few a~ ~ pi(.|s), drawn from the actor's (mean, std) at s and held fixed."""
+    u = jax.lax.stop_gradient(mean + std * jax.random.normal(key, (4, *mean.shape)))
+    return jax.vmap(lambda x: q_of(s, jnp.tanh(x)))(u).mean(axis=0)
+
+
+# AWR advantages. Each gets q_of(s, a) (the critic's Q estimate, (1 - gamma) times the return's scale), the actor's
+# (mean, std) at s_t and at s_{t+1}, the batch and a key, and returns A(s_t, a_t) for the batch's dataset actions.
+def advantage_q(q_of, dist, next_dist, batch: Batch, key, cfg: Config):
+    """A = Q(s, a_data) - V(s): asks the critic which action is better."""
+    return q_of(batch.observations, batch.actions) - state_value(q_of, batch.observations, *dist, key)
+
+
+def advantage_td(q_of, dist, next_dist, batch: Batch, key, cfg: Config):
+    """A = (1 - gamma) r_t + gamma V(s_{t+1}) - V(s_t), with V(s_{t+1}) = 0 after a fall: the one-step TD advantage
+    in the critic's units. The action's effect comes from the data's own reward and next state, so the critic only
+    has to rank states, which it does far better than actions (README Results)."""
+    k_now, k_next = jax.random.split(key)
+    v_next = jnp.where(batch.done, 0.0, state_value(q_of, batch.next_observations, *next_dist, k_next))
+    v_now = state_value(q_of, batch.observations, *dist, k_now)
+    return (1 - cfg.gamma) * batch.rewards + cfg.gamma * v_next - v_now
+
+
+ADVANTAGES = {"q": advantage_q, "td": advantage_td}
+
+
 def actor_loss_awr(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):
     """Advantage-weighted regression (one-step offline RL): -mean_i w_i log pi(a_i | s_i) on the dataset's actions,
-    w = min(exp(beta A / std(A)), max_weight), A(s, a) = Q(s, a_data) - mean of Q(s, a~) over a few a~ ~ pi.
-    The critic is asked about dataset actions, where it was trained, and never differentiated in the action; the
-    batch's std of A makes beta free of the reward scale, so one beta serves every dataset."""
+    w = min(exp(beta A / std(A)), max_weight), A from --awr-advantage. The critic is asked about states and dataset
+    actions, where it was trained, and never differentiated in the action; the batch's std of A makes beta free of
+    the reward scale, so one beta serves every dataset."""
     mean, std = actor_dist(nets, actor, batch.observations, cfg)
     u = mean + std * jax.random.normal(key, mean.shape)
     log_prob = tanh_gaussian_log_prob(mean, std, u)
-    samples = jax.lax.stop_gradient(mean + std * jax.random.normal(jax.random.fold_in(key, 1), (4, *mean.shape)))
-    q_of = partial(q_estimate, nets, critic, batch.observations, psi=psi, goal_rewards=batch.goal_rewards, cfg=cfg)
-    q_data = q_of(a=batch.actions)
-    adv = q_data - jax.vmap(lambda x: q_of(a=jnp.tanh(x)))(samples).mean(axis=0)
+    next_dist = jax.lax.stop_gradient(actor_dist(nets, actor, batch.next_observations, cfg))
+    q_of = partial(q_estimate, nets, critic, psi=psi, goal_rewards=batch.goal_rewards, cfg=cfg)
+    adv = ADVANTAGES[cfg.awr_advantage](q_of, jax.lax.stop_gradient((mean, std)), next_dist, batch,
+                                        jax.random.fold_in(key, 1), cfg)
     w = jax.lax.stop_gradient(jnp.minimum(jnp.exp(cfg.awr_beta * adv / (adv.std() + 1e-8)), cfg.awr_max_weight))
     bc = bc_nll(mean, std, batch.actions)
     loss = jnp.mean(w * bc + alpha * log_prob)
-    return loss, dict(actor_loss=loss, q_mean=q_data.mean(), bc_nll=bc.mean(), entropy=-log_prob.mean(),
-                      awr_weight_max=w.max(), awr_adv_std=adv.std())
+    return loss, dict(actor_loss=loss, bc_nll=bc.mean(), entropy=-log_prob.mean(), awr_weight_max=w.max(),
+                      awr_adv_std=adv.std())
 
 
 ACTOR_OBJECTIVES = {"q": actor_loss_q, "awr": actor_loss_awr}

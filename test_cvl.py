@@ -690,7 +690,8 @@ def test_contrastive_td_loss_matches_a_plain_loop(repr_norm):
     f32 = partial(jnp.asarray, dtype=jnp.float32)
     batch = cvl.Batch(f32(rng.normal(size=(b, obs_dim))), f32(rng.uniform(-1, 1, (b, act_dim))),
                       f32(rng.normal(size=(b, obs_dim))), jnp.array([0, 1, 0, 0, 1, 0], bool), f32(rng.normal(size=b)),
-                      f32(rng.normal(size=(b, obs_dim))), jnp.zeros(b, bool), jnp.array([0, 0, 1, 0, 0, 0], bool))
+                      f32(rng.normal(size=(b, obs_dim))), jnp.zeros(b, bool), jnp.array([0, 0, 1, 0, 0, 0], bool),
+                      f32(rng.normal(size=b)))
     key = jax.random.key(5)
     loss, (metrics, _) = cvl.critic_loss_td(state.critic, state, batch, key, cfg, nets, lambda x, *_: x)
 
@@ -761,7 +762,7 @@ def frozen_critic_problem(b: int, data_actions: bool):
     s = jnp.asarray(rng.normal(size=(b, 3)), jnp.float32)
     a = jnp.asarray(rng.uniform(-0.9, 0.9, (b, 2)), jnp.float32) if data_actions else jnp.zeros((b, 2))
     r = jnp.asarray(rng.normal(size=b), jnp.float32)
-    batch = cvl.Batch(s, a, s, jnp.zeros(b, bool), r, s, jnp.zeros(b, bool), jnp.zeros(b, bool))
+    batch = cvl.Batch(s, a, s, jnp.zeros(b, bool), r, s, jnp.zeros(b, bool), jnp.zeros(b, bool), r)
     phi = type("Phi", (), {"apply": staticmethod(lambda _, x: jnp.stack([4 * x[:, 3], x[:, 0] * 0], 1))})()
     return batch, jnp.stack([r, jnp.zeros(b)], axis=1), phi
 
@@ -798,6 +799,46 @@ def test_actor_moves_towards_what_a_frozen_critic_prefers(objective, flags):
         assert abs(train_actor(**(dict(awr_beta=0.0) if objective == "awr" else dict(bc_coef=1.0)))) < 0.15
         BC_CHECKED.add(objective)
     assert train_actor(**flags) > 0.3
+
+
+def test_awr_advantages_against_a_hand_computation():
+    """q: Q(s, a_data) - V(s); td: (1 - gamma) r + gamma V(s') - V(s) with V(s') = 0 after a fall; V(s) is Q at the
+    policy's actions (std ~0 here, so exactly Q(s, tanh(mean)))."""
+    rng = np.random.default_rng(3)
+    b, gamma = 5, 0.9
+    f32 = partial(jnp.asarray, dtype=jnp.float32)
+    s, s_next, a = f32(rng.normal(size=(b, 3))), f32(rng.normal(size=(b, 3))), f32(rng.uniform(-1, 1, (b, 2)))
+    r, done = f32(rng.normal(size=b)), jnp.array([0, 1, 0, 0, 1], bool)
+    batch = cvl.Batch(s, a, s, jnp.zeros(b, bool), r, s_next, jnp.zeros(b, bool), done, r)
+    cfg = cvl.make_config("cpu", gamma=gamma)
+    mean, next_mean, tiny = f32(rng.normal(size=(b, 2))), f32(rng.normal(size=(b, 2))), jnp.full((b, 2), 1e-7)
+
+    def q_of(states, actions):  # Q depends on both the state and the action
+        return states[:, 0] * 2.0 + actions[:, 1]
+
+    def v(states, means):
+        return np.asarray(states)[:, 0] * 2.0 + np.tanh(np.asarray(means))[:, 1]
+
+    key = jax.random.key(0)
+    a_td = cvl.advantage_td(q_of, (mean, tiny), (next_mean, tiny), batch, key, cfg)
+    want = (1 - gamma) * np.asarray(r) + gamma * np.where(done, 0.0, v(s_next, next_mean)) - v(s, mean)
+    assert np.allclose(a_td, want, atol=1e-5)
+    a_q = cvl.advantage_q(q_of, (mean, tiny), (next_mean, tiny), batch, key, cfg)
+    assert np.allclose(a_q, np.asarray(q_of(s, a)) - v(s, mean), atol=1e-5)
+
+
+def test_awr_with_the_td_advantage_follows_the_datas_rewards_not_the_critics_action_ranking():
+    """The frozen critic prefers a high first action; the data's rewards pay for a low one. The TD advantage follows
+    the rewards (the critic only ranks states), the critic's own advantage follows the critic."""
+    batch, psi, phi = frozen_critic_problem(256, data_actions=True)
+    batch = batch._replace(rewards=-3.0 * batch.actions[:, 0])
+
+    def first_action(advantage):
+        _, nets, actor = train_against_frozen_critic(batch, psi, phi, hidden=(32, 32), actor_objective="awr",
+                                                     awr_beta=2.0, awr_advantage=advantage, gamma=0.5)
+        return np.asarray(cvl.eval_action(nets, actor, batch.observations))[:, 0].mean()
+
+    assert first_action("td") < -0.3 and first_action("q") > 0.3
 
 
 def test_normalized_q_is_a_weighted_mean_of_future_rewards(raw_small):
@@ -1392,7 +1433,7 @@ def test_binary_nce_learns_the_density_ratio_divided_by_b_minus_1():
         s = jax.random.randint(ks, (b,), 0, k)
         g = jax.random.categorical(kg, jnp.log(jnp.asarray(p_g_s))[s])
         z = jnp.zeros(b, bool)
-        return cvl.Batch(eye[s], jnp.zeros((b, 1)), eye[g], z, jnp.zeros(b), eye[s], z, z)
+        return cvl.Batch(eye[s], jnp.zeros((b, 1)), eye[g], z, jnp.zeros(b), eye[s], z, z, jnp.zeros(b))
 
     loss_fn = partial(cvl.critic_loss_nce, state=state, key=None, cfg=cfg, nets=nets, shard=lambda x, *_: x)
     x = batch(jax.random.key(1))
