@@ -645,7 +645,12 @@ def sample_batch(data: Data, key: jax.Array, batch_size: int, gamma: float, rewa
     """B transitions uniformly among rows with a future, each with a goal from its own episode's future."""
     k_row, k_offset = jax.random.split(key)
     t = data.anchors[jax.random.randint(k_row, (batch_size,), 0, data.anchors.shape[0])]
-    goals, absorbing, goal_rewards = sample_goals(data, k_offset, t, gamma, reward_kind)
+    return batch_at(data, k_offset, t, gamma, reward_kind)
+
+
+def batch_at(data: Data, key: jax.Array, t: jax.Array, gamma: float, reward_kind: str) -> Batch:
+    """The transitions of rows t (rows with a future), each with a goal from its own episode's future."""
+    goals, absorbing, goal_rewards = sample_goals(data, key, t, gamma, reward_kind)
     return Batch(data.observations[t], data.actions[t], goals, absorbing, goal_rewards, data.next_observations[t],
                  t > data.known_end[t], data.terminal[t] & (t == data.episode_end[t]), data.rewards[t])
 
@@ -942,6 +947,14 @@ def advantage_td(q_of, dist, next_dist, batch: Batch, key, cfg: Config):
 ADVANTAGES = {"q": advantage_q, "td": advantage_td}
 
 
+def awr_advantage(nets: Networks, critic, actor, psi, batch: Batch, key, cfg: Config):
+    """The --awr-advantage of the batch's dataset actions (no gradient to the actor: V uses its current policy)."""
+    dist, next_dist = (jax.lax.stop_gradient(actor_dist(nets, actor, x, cfg))
+                       for x in (batch.observations, batch.next_observations))
+    q_of = partial(q_estimate, nets, critic, psi=psi, goal_rewards=batch.goal_rewards, cfg=cfg)
+    return ADVANTAGES[cfg.awr_advantage](q_of, dist, next_dist, batch, key, cfg)
+
+
 def actor_loss_awr(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):
     """Advantage-weighted regression (one-step offline RL): -mean_i w_i log pi(a_i | s_i) on the dataset's actions,
     w = min(exp(beta A / std(A)), max_weight), A from --awr-advantage. The critic is asked about states and dataset
@@ -950,10 +963,7 @@ def actor_loss_awr(actor, critic, psi, nets: Networks, batch: Batch, key, alpha,
     mean, std = actor_dist(nets, actor, batch.observations, cfg)
     u = mean + std * jax.random.normal(key, mean.shape)
     log_prob = tanh_gaussian_log_prob(mean, std, u)
-    next_dist = jax.lax.stop_gradient(actor_dist(nets, actor, batch.next_observations, cfg))
-    q_of = partial(q_estimate, nets, critic, psi=psi, goal_rewards=batch.goal_rewards, cfg=cfg)
-    adv = ADVANTAGES[cfg.awr_advantage](q_of, jax.lax.stop_gradient((mean, std)), next_dist, batch,
-                                        jax.random.fold_in(key, 1), cfg)
+    adv = awr_advantage(nets, critic, actor, psi, batch, jax.random.fold_in(key, 1), cfg)
     w = jax.lax.stop_gradient(jnp.minimum(jnp.exp(cfg.awr_beta * adv / (adv.std() + 1e-8)), cfg.awr_max_weight))
     bc = bc_nll(mean, std, batch.actions)
     loss = jnp.mean(w * bc + alpha * log_prob)

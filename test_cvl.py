@@ -1624,6 +1624,12 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
                                     "--horizon", "20"])
     out = capsys.readouterr().out
     assert [r["seed"] for r in results] == [0, 1] and out.count("corr(Q, MC return)") == 6
+    assert out.count("AWR advantage td") == 2
+    ckpt = cvl.load_checkpoint(Path(final["run_dir"]))
+    cfg = ckpt["config"]
+    data, _, obs_dim, act_dim = cvl.load_env_data(cfg)
+    nets = cvl.make_networks(cfg, act_dim)
+    state = cvl.restore_state(cvl.init_states(cfg, nets, [0, 1], obs_dim, act_dim), ckpt["state"])
     assert out.count("*normalized") == 2  # the estimator the run trained with is marked
     ends = cvl.split_episodes(raw_small)
     for r in results:
@@ -1639,6 +1645,18 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
         sim, q = r["simulated"], r["normalized"]
         assert sim["rows"] == 16 and sim["agree"] == np.mean((q["q"][:16] > q["q_random"][:16]) ==
                                                              (sim["g_data"] > sim["g_random"]))
+        # each AWR advantage of the simulated rows, as training computes it on the run's own batch of those rows
+        i = r["seed"]
+        critic, actor = (jax.tree.map(lambda x: x[i], tree) for tree in (state.critic, state.actor))
+        batch = cvl.batch_at(data, jax.random.key(0), jnp.asarray(r["rows"][:cfg.batch_size]), cfg.gamma,
+                             cfg.goal_reward)
+        psi = cvl.goal_features(nets, critic, batch.goals, batch.absorbing)
+        for name in cvl.ADVANTAGES:
+            adv = cvl.awr_advantage(nets, critic, actor, psi, batch, jax.random.key(0),
+                                    dataclasses.replace(cfg, awr_advantage=name))
+            np.testing.assert_allclose(sim[f"advantage_{name}"], np.asarray(adv)[:16], rtol=1e-5, atol=1e-7)
+            assert sim[f"advantage_{name}_corr"][0] == pytest.approx(
+                np.corrcoef(sim[f"advantage_{name}"], sim["g_data"] - sim["g_random"])[0, 1], abs=1e-6)
         # the normalised estimate is a weighted mean of the goals' rewards
         assert raw_small["rewards"].min() <= r["normalized"]["q"].min() <= r["normalized"]["q"].max() <= \
             raw_small["rewards"].max()

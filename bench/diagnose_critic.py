@@ -17,7 +17,9 @@ the negatives:
     --horizon steps; the discounted returns G say which of the two actions is truly better for that policy, and
     the critic is scored on agreeing with them (a critic of the data's behaviour should agree where the policy is
     close to it). States are restored from observations (x position 0, which these envs' dynamics ignore); rows
-    whose observation does not round-trip (e.g. a clipped velocity) are skipped;
+    whose observation does not round-trip (e.g. a clipped velocity) are skipped. Each AWR advantage of cvl.py
+    (--awr-advantage), computed as in training for the data's action, is scored by its correlation with
+    G(a_data) - G(a_random): whether it knows which data actions are good;
 and, for --actor-objective q, the ratio of the actor's two gradient norms |grad (1 - bc) Q| / |grad bc * BC NLL| on a
 training batch (far below 1: the actor is behaviour cloning), from cvl.actor_loss_q itself.
 """
@@ -82,8 +84,8 @@ def main(argv=None):
     rows = rng.choice(candidates, n_rows, replace=False)
     s, a = data.observations[rows], data.actions[rows]
     a_rand = jnp.asarray(rng.uniform(-1, 1, a.shape), jnp.float32)
-    goals, absorbing, r_g = cvl.sample_goals(data, jax.random.key(args.seed), jnp.asarray(rows), cfg.gamma,
-                                             cfg.goal_reward)
+    batch = cvl.batch_at(data, jax.random.key(args.seed), jnp.asarray(rows), cfg.gamma, cfg.goal_reward)
+    goals, absorbing, r_g = batch.goals, batch.absorbing, batch.goal_rewards
 
     print(f"{args.run}: step {ckpt['step']}, {n_rows} rows in batches of {b}, MC return mean {ret[rows].mean():.1f} "
           f"std {ret[rows].std():.1f}; Q estimator used in training: {cfg.q_estimator}")
@@ -141,6 +143,14 @@ def main(argv=None):
                   f"action is better {sim['data_better']:.3f} of the time; the critic ({cfg.q_estimator}) agrees on "
                   f"which is better {sim['agree']:.3f}; corr(Q(a_data) - Q(a_random), G(a_data) - G(a_random)) "
                   f"{show(sim['corr'])}")
+            for name in cvl.ADVANTAGES:  # each AWR advantage of the data's action, computed as in training
+                cfg_a = dataclasses.replace(cfg, awr_advantage=name)
+                adv = per_batch(lambda sl: cvl.awr_advantage(
+                    nets, critic, actor, psi(sl), jax.tree.map(lambda x: x[sl], batch), jax.random.key(args.seed),
+                    cfg_a))[:n][ok]
+                sim[f"advantage_{name}"], sim[f"advantage_{name}_corr"] = adv, correlations(adv, g_data - g_rand)
+                print(f"     AWR advantage {name}{'*' if name == cfg.awr_advantage else ' '}: corr(A(s, a_data), "
+                      f"G(a_data) - G(a_random)) {show(sim[f'advantage_{name}_corr'])}")
         results.append(result)
     return results
 
