@@ -1656,7 +1656,22 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
                                     dataclasses.replace(cfg, awr_advantage=name))
             np.testing.assert_allclose(sim[f"advantage_{name}"], np.asarray(adv)[:16], rtol=1e-5, atol=1e-7)
             assert sim[f"advantage_{name}_corr"][0] == pytest.approx(
-                np.corrcoef(sim[f"advantage_{name}"], sim["g_data"] - sim["g_random"])[0, 1], abs=1e-6)
+                np.corrcoef(sim[f"advantage_{name}"], sim["g_data"] - sim["g_policy"])[0, 1], abs=1e-6)
+        # G(a_policy): the seed's own policy from the restored state, by a plain loop
+        import gymnasium as gym
+        env = gym.make(ENV_ID)
+        for row, g_pi in zip(r["rows"][:2], sim["g_policy"][:2]):
+            env.reset(seed=0)
+            assert diagnose_critic.restore(env, data.observations[row])
+            obs, g = np.asarray(data.observations[row], np.float64), 0.0
+            for t in range(20):
+                action = np.asarray(cvl.eval_action(nets, actor, jnp.asarray(obs[None], jnp.float32)))[0]
+                obs, reward, terminated, _, _ = env.unwrapped.step(action.astype(np.float64))
+                g += cfg.gamma ** t * reward
+                if terminated:
+                    break
+            assert g_pi == pytest.approx(g, rel=2e-3)  # the batched policy differs from this one in the last bits
+        env.close()
         # the normalised estimate is a weighted mean of the goals' rewards
         assert raw_small["rewards"].min() <= r["normalized"]["q"].min() <= r["normalized"]["q"].max() <= \
             raw_small["rewards"].max()

@@ -18,8 +18,9 @@ the negatives:
     the critic is scored on agreeing with them (a critic of the data's behaviour should agree where the policy is
     close to it). States are restored from observations (x position 0, which these envs' dynamics ignore); rows
     whose observation does not round-trip (e.g. a clipped velocity) are skipped. Each AWR advantage of cvl.py
-    (--awr-advantage), computed as in training for the data's action, is scored by its correlation with
-    G(a_data) - G(a_random): whether it knows which data actions are good;
+    (--awr-advantage), computed as in training for the data's action, is scored by its correlation with the
+    simulator's advantage G(a_data) - G(a_policy), a_policy the policy's own first action: whether it knows which
+    data actions beat the policy;
 and, for --actor-objective q, the ratio of the actor's two gradient norms |grad (1 - bc) Q| / |grad bc * BC NLL| on a
 training batch (far below 1: the actor is behaviour cloning), from cvl.actor_loss_q itself.
 """
@@ -129,12 +130,13 @@ def main(argv=None):
         if args.simulate:
             n = min(args.simulate, n_rows)
             policy = jax.jit(lambda obs: cvl.eval_action(nets, actor, obs))
-            first_actions = np.concatenate([np.asarray(a[:n]), np.asarray(a_rand[:n])])  # rows i and n + i
+            a_pi = np.asarray(policy(s[:n]))  # the policy's own first action: G(a_pi) is its value V(s)
+            first_actions = np.concatenate([np.asarray(a[:n]), np.asarray(a_rand[:n]), a_pi])  # i, n + i, 2n + i
             g = simulated_returns(env_id, np.asarray(s[:n]), first_actions, policy, cfg.gamma, args.horizon)
-            ok = ~np.isnan(g[:n]) & ~np.isnan(g[n:])
-            g_data, g_rand = g[:n][ok], g[n:][ok]
+            ok = ~np.isnan(g[:n])
+            g_data, g_rand, g_pi = g[:n][ok], g[n:2 * n][ok], g[2 * n:][ok]
             q_d, q_r = result[cfg.q_estimator]["q"][:n][ok], result[cfg.q_estimator]["q_random"][:n][ok]
-            result["simulated"] = dict(rows=int(ok.sum()), g_data=g_data, g_random=g_rand,
+            result["simulated"] = dict(rows=int(ok.sum()), g_data=g_data, g_random=g_rand, g_policy=g_pi,
                                        data_better=float(np.mean(g_data > g_rand)),
                                        agree=float(np.mean((q_d > q_r) == (g_data > g_rand))),
                                        corr=correlations(q_d - q_r, g_data - g_rand))
@@ -148,9 +150,9 @@ def main(argv=None):
                 adv = per_batch(lambda sl: cvl.awr_advantage(
                     nets, critic, actor, psi(sl), jax.tree.map(lambda x: x[sl], batch), jax.random.key(args.seed),
                     cfg_a))[:n][ok]
-                sim[f"advantage_{name}"], sim[f"advantage_{name}_corr"] = adv, correlations(adv, g_data - g_rand)
+                sim[f"advantage_{name}"], sim[f"advantage_{name}_corr"] = adv, correlations(adv, g_data - g_pi)
                 print(f"     AWR advantage {name}{'*' if name == cfg.awr_advantage else ' '}: corr(A(s, a_data), "
-                      f"G(a_data) - G(a_random)) {show(sim[f'advantage_{name}_corr'])}")
+                      f"G(a_data) - G(a_policy)) {show(sim[f'advantage_{name}_corr'])}")
         results.append(result)
     return results
 
