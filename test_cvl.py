@@ -1659,7 +1659,8 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
                 np.corrcoef(sim[f"advantage_{name}"], sim["g_data"] - sim["g_policy"])[0, 1], abs=1e-6)
         # G(a_policy): the seed's own policy from the restored state, by a plain loop
         import gymnasium as gym
-        env = gym.make(ENV_ID)
+        with cvl.quiet_env_creation():
+            env = gym.make(ENV_ID)
         for row, g_pi in zip(r["rows"][:2], sim["g_policy"][:2]):
             env.reset(seed=0)
             assert diagnose_critic.restore(env, data.observations[row])
