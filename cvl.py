@@ -236,6 +236,11 @@ def check_config(cfg: Config) -> None:
     if cfg.density_ratio == "corrected" and cfg.q_estimator == "normalized":
         raise CVLError("--density-ratio corrected does nothing with --q-estimator normalized, whose softmax already "
                        "divides out exp(f)'s scale; drop it or pick --q-estimator diag or marginal")
+    reward_units = cfg.q_estimator == "normalized" or (cfg.density_ratio == "corrected" and cfg.critic_loss == "nce")
+    if cfg.actor_objective == "awr" and cfg.awr_advantage == "td" and not reward_units:
+        raise CVLError(f"--awr-advantage td adds r to Q, so Q must be in the reward's units, which --q-estimator "
+                       f"{cfg.q_estimator} with --density-ratio {cfg.density_ratio} is not; use --q-estimator "
+                       f"normalized (the default), or --density-ratio corrected with --critic-loss nce")
     if not cfg.dataset and not cfg.evaluate and not is_minari_id(cfg.env):  # an unknown name or a bad mirror
         d4rl_urls(cfg.env, cfg.d4rl_url)  # fails here, before anything else
 

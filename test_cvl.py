@@ -1211,6 +1211,7 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     (dict(actor_min_std=-1), "--actor-min-std must be positive"),
     (dict(actor_max_std=1e-7), "--actor-max-std must be above --actor-min-std"),
     (dict(eval_env="CartPole-v1"), "needs flat continuous (Box) spaces"),
+    (dict(actor_objective="awr", awr_advantage="td", q_estimator="diag"), "--awr-advantage td adds r to Q"),
 ])
 def test_bad_flags_stop_before_anything_is_written(tmp_path, dataset, flags, expected):
     fails_in_one_line(small_args(dataset, tmp_path / "out", **flags), expected)
