@@ -33,6 +33,8 @@ METHODS = [
     ("BC (--bc-coef 1.0)", "bc", CVL, ["--bc-coef", "1.0"], 3),
     ("TD3+BC (bench/td3_bc.py)", "td3bc", TD3BC, [], 3),
     ("CVL, AWR policy step (--actor-objective awr)", "cvl-awr", CVL, ["--actor-objective", "awr"], 3),
+    ("CVL, AWR with the TD advantage (--actor-objective awr --awr-advantage td)", "cvl-awr-td", CVL,
+     ["--actor-objective", "awr", "--awr-advantage", "td"], 3),
     ("CVL, original code's Q (--q-estimator diag --goal-reward goal)", "cvl-diag", CVL,
      ["--q-estimator", "diag", "--goal-reward", "goal"], 1),
     ("CVL, the paper's batch 1024 (--batch-size 1024)", "cvl-batch1024", CVL, ["--batch-size", "1024"], 1),
