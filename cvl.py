@@ -932,32 +932,35 @@ def state_value(q_of, s, mean, std, key):
     return jax.vmap(lambda x: q_of(s, jnp.tanh(x)))(u).mean(axis=0)
 
 
-# AWR advantages. Each gets q_of(s, a) (the critic's Q estimate, (1 - gamma) times the return's scale), the actor's
-# (mean, std) at s_t and at s_{t+1}, the batch and a key, and returns A(s_t, a_t) for the batch's dataset actions.
-def advantage_q(q_of, dist, next_dist, batch: Batch, key, cfg: Config):
+# AWR advantages. Each gets q_of(s, a) (the critic's Q estimate, (1 - gamma) times the return's scale), dist_of(s)
+# (the actor's (mean, std) at states s, held fixed), the batch and a key, and returns A(s_t, a_t) for the batch's
+# dataset actions and V(s_t).
+def advantage_q(q_of, dist_of, batch: Batch, key, cfg: Config):
     """A = Q(s, a_data) - V(s): asks the critic which action is better."""
-    return q_of(batch.observations, batch.actions) - state_value(q_of, batch.observations, *dist, key)
+    v_now = state_value(q_of, batch.observations, *dist_of(batch.observations), key)
+    return q_of(batch.observations, batch.actions) - v_now, v_now
 
 
-def advantage_td(q_of, dist, next_dist, batch: Batch, key, cfg: Config):
+def advantage_td(q_of, dist_of, batch: Batch, key, cfg: Config):
     """A = (1 - gamma) r_t + gamma V(s_{t+1}) - V(s_t), with V(s_{t+1}) = 0 after a fall: the one-step TD advantage
     in the critic's units. The action's effect comes from the data's own reward and next state, so the critic only
     has to rank states, which it does far better than actions (README Results)."""
     k_now, k_next = jax.random.split(key)
-    v_next = jnp.where(batch.done, 0.0, state_value(q_of, batch.next_observations, *next_dist, k_next))
-    v_now = state_value(q_of, batch.observations, *dist, k_now)
-    return (1 - cfg.gamma) * batch.rewards + cfg.gamma * v_next - v_now
+    s_next = batch.next_observations
+    v_next = jnp.where(batch.done, 0.0, state_value(q_of, s_next, *dist_of(s_next), k_next))
+    v_now = state_value(q_of, batch.observations, *dist_of(batch.observations), k_now)
+    return (1 - cfg.gamma) * batch.rewards + cfg.gamma * v_next - v_now, v_now
 
 
 ADVANTAGES = {"q": advantage_q, "td": advantage_td}
 
 
 def awr_advantage(nets: Networks, critic, actor, psi, batch: Batch, key, cfg: Config):
-    """The --awr-advantage of the batch's dataset actions (no gradient to the actor: V uses its current policy)."""
-    dist, next_dist = (jax.lax.stop_gradient(actor_dist(nets, actor, x, cfg))
-                       for x in (batch.observations, batch.next_observations))
+    """The --awr-advantage A of the batch's dataset actions, and V(s) (no gradient to the actor: V uses its current
+    policy)."""
     q_of = partial(q_estimate, nets, critic, psi=psi, goal_rewards=batch.goal_rewards, cfg=cfg)
-    return ADVANTAGES[cfg.awr_advantage](q_of, dist, next_dist, batch, key, cfg)
+    return ADVANTAGES[cfg.awr_advantage](q_of, lambda s: jax.lax.stop_gradient(actor_dist(nets, actor, s, cfg)),
+                                         batch, key, cfg)
 
 
 def actor_loss_awr(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):
@@ -968,12 +971,12 @@ def actor_loss_awr(actor, critic, psi, nets: Networks, batch: Batch, key, alpha,
     mean, std = actor_dist(nets, actor, batch.observations, cfg)
     u = mean + std * jax.random.normal(key, mean.shape)
     log_prob = tanh_gaussian_log_prob(mean, std, u)
-    adv = awr_advantage(nets, critic, actor, psi, batch, jax.random.fold_in(key, 1), cfg)
+    adv, v = awr_advantage(nets, critic, actor, psi, batch, jax.random.fold_in(key, 1), cfg)
     w = jax.lax.stop_gradient(jnp.minimum(jnp.exp(cfg.awr_beta * adv / (adv.std() + 1e-8)), cfg.awr_max_weight))
     bc = bc_nll(mean, std, batch.actions)
     loss = jnp.mean(w * bc + alpha * log_prob)
-    return loss, dict(actor_loss=loss, bc_nll=bc.mean(), entropy=-log_prob.mean(), awr_weight_max=w.max(),
-                      awr_adv_std=adv.std())
+    return loss, dict(actor_loss=loss, q_mean=v.mean(), bc_nll=bc.mean(), entropy=-log_prob.mean(),
+                      awr_weight_max=w.max(), awr_adv_std=adv.std())
 
 
 ACTOR_OBJECTIVES = {"q": actor_loss_q, "awr": actor_loss_awr}

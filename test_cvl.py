@@ -787,18 +787,27 @@ def train_against_frozen_critic(batch, psi, phi, **flags):
     ("q", dict(bc_coef=0.5, q_estimator="diag"))])
 def test_actor_moves_towards_what_a_frozen_critic_prefers(objective, flags):
     """Each actor objective, trained alone against the frozen critic, moves the policy's first action up, while
-    behaviour cloning of the same data (centred on 0) does not."""
+    behaviour cloning of the same data (centred on 0) does not; each logs Q at the policy's sampled actions as
+    q_mean."""
     batch, psi, phi = frozen_critic_problem(256, data_actions=True)
 
     def train_actor(**kw):
-        _, nets, actor = train_against_frozen_critic(batch, psi, phi, hidden=(32, 32), actor_objective=objective,
-                                                     **kw)
-        return np.asarray(cvl.eval_action(nets, actor, batch.observations))[:, 0].mean()
+        cfg, nets, actor = train_against_frozen_critic(batch, psi, phi, hidden=(32, 32), actor_objective=objective,
+                                                       **kw)
+        return cfg, nets, actor, cvl.eval_action(nets, actor, batch.observations)
 
     if objective not in BC_CHECKED:  # behaviour cloning is the same whatever the estimator: check it once
-        assert abs(train_actor(**(dict(awr_beta=0.0) if objective == "awr" else dict(bc_coef=1.0)))) < 0.15
+        bc_action = train_actor(**(dict(awr_beta=0.0) if objective == "awr" else dict(bc_coef=1.0)))[-1]
+        assert abs(np.asarray(bc_action)[:, 0].mean()) < 0.15
         BC_CHECKED.add(objective)
-    assert train_actor(**flags) > 0.3
+    cfg, nets, actor, action = train_actor(**flags)
+    assert np.asarray(action)[:, 0].mean() > 0.3
+    _, metrics = cvl.ACTOR_OBJECTIVES[objective](actor, FROZEN_CRITIC, psi, nets, batch, jax.random.key(0), 0.1, cfg)
+    mean, std = cvl.actor_dist(nets, actor, batch.observations, cfg)
+    q_draws = [float(cvl.q_estimate(nets, FROZEN_CRITIC, batch.observations,  # batch means of Q, 32 policy draws
+                                    jnp.tanh(mean + std * jax.random.normal(jax.random.key(k), mean.shape)), psi,
+                                    batch.goal_rewards, cfg).mean()) for k in range(32)]
+    assert float(metrics["q_mean"]) == pytest.approx(np.mean(q_draws), abs=4 * np.std(q_draws) + 1e-4)
 
 
 def test_awr_advantages_against_a_hand_computation():
@@ -819,12 +828,15 @@ def test_awr_advantages_against_a_hand_computation():
     def v(states, means):
         return np.asarray(states)[:, 0] * 2.0 + np.tanh(np.asarray(means))[:, 1]
 
+    def dist_of(states):  # the policy at s_t or at s_{t+1}
+        return (mean if states is s else next_mean), tiny
+
     key = jax.random.key(0)
-    a_td = cvl.advantage_td(q_of, (mean, tiny), (next_mean, tiny), batch, key, cfg)
+    a_td, v_td = cvl.advantage_td(q_of, dist_of, batch, key, cfg)
     want = (1 - gamma) * np.asarray(r) + gamma * np.where(done, 0.0, v(s_next, next_mean)) - v(s, mean)
-    assert np.allclose(a_td, want, atol=1e-5)
-    a_q = cvl.advantage_q(q_of, (mean, tiny), (next_mean, tiny), batch, key, cfg)
-    assert np.allclose(a_q, np.asarray(q_of(s, a)) - v(s, mean), atol=1e-5)
+    assert np.allclose(a_td, want, atol=1e-5) and np.allclose(v_td, v(s, mean), atol=1e-5)
+    a_q, v_q = cvl.advantage_q(q_of, dist_of, batch, key, cfg)
+    assert np.allclose(a_q, np.asarray(q_of(s, a)) - v(s, mean), atol=1e-5) and np.allclose(v_q, v(s, mean), atol=1e-5)
 
 
 def test_awr_with_the_td_advantage_follows_the_datas_rewards_not_the_critics_action_ranking():
@@ -1653,8 +1665,8 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
                              cfg.goal_reward)
         psi = cvl.goal_features(nets, critic, batch.goals, batch.absorbing)
         for name in cvl.ADVANTAGES:
-            adv = cvl.awr_advantage(nets, critic, actor, psi, batch, jax.random.key(0),
-                                    dataclasses.replace(cfg, awr_advantage=name))
+            adv, _ = cvl.awr_advantage(nets, critic, actor, psi, batch, jax.random.key(0),
+                                       dataclasses.replace(cfg, awr_advantage=name))
             np.testing.assert_allclose(sim[f"advantage_{name}"], np.asarray(adv)[:16], rtol=1e-5, atol=1e-7)
             assert sim[f"advantage_{name}_corr"][0] == pytest.approx(
                 np.corrcoef(sim[f"advantage_{name}"], sim["g_data"] - sim["g_policy"])[0, 1], abs=1e-6)

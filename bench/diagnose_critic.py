@@ -149,7 +149,7 @@ def main(argv=None):
                 cfg_a = dataclasses.replace(cfg, awr_advantage=name)
                 adv = per_batch(lambda sl: cvl.awr_advantage(
                     nets, critic, actor, psi(sl), jax.tree.map(lambda x: x[sl], batch), jax.random.key(args.seed),
-                    cfg_a))[:n][ok]
+                    cfg_a)[0])[:n][ok]
                 sim[f"advantage_{name}"], sim[f"advantage_{name}_corr"] = adv, correlations(adv, g_data - g_pi)
                 print(f"     AWR advantage {name}{'*' if name == cfg.awr_advantage else ' '}: corr(A(s, a_data), "
                       f"G(a_data) - G(a_policy)) {show(sim[f'advantage_{name}_corr'])}")
