@@ -1731,6 +1731,31 @@ def test_results_stops_in_one_line_when_a_run_is_stopped_and_resumes_it_next_tim
     assert calls[1][2:6] == ["--resume", str(run), "--steps", "300"]
 
 
+
+def test_results_table_summarises_a_run_by_a_plain_computation(tmp_path):
+    """summarise: final, best and 2nd-half mean from the evaluation rows; train minutes = sum of each call's updates
+    over its updates/s (pauses and evaluations excluded); the table and plot are written with those numbers."""
+    results = import_bench("results")
+    run = tmp_path / "hopper-medium-local__s0__x"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"num_seeds": 3}))
+    evals = {200: (10.0, 1.0), 400: (30.0, 2.0), 600: (20.0, 3.0), 800: (25.0, 0.5)}  # step: (score, score_std)
+    lines = ["step,wall_time,updates_per_sec,score,score_std"]
+    for step in range(100, 900, 100):
+        score, std = evals.get(step, ("", ""))
+        lines.append(f"{step},{step * 6.0},{5.0 if step <= 400 else 2.0},{score},{std}")
+    (run / "metrics.csv").write_text("\n".join(lines) + "\n")
+    r = results.summarise(run)
+    assert r["steps"] == 800 and r["seeds"] == 3 and r["final"] == (25.0, 0.5) and r["best"] == (30.0, 2.0)
+    assert r["late"] == pytest.approx((20.0 + 25.0) / 2)  # the evaluations after half of the run's 800 steps
+    assert r["train_minutes"] == pytest.approx((4 * 100 / 5.0 + 4 * 100 / 2.0) / 60)
+    assert r["minutes"] == pytest.approx(800 * 6.0 / 60)
+    out = tmp_path / "table.md"
+    results.report({"CVL": r}, "hopper-medium-local", out)
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| CVL |"))
+    assert row == "| CVL | 800 | 3 | 25.0 +- 0.5 | 30.0 +- 2.0 | 22.5 | 5 | 80 |"
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
 # ---------------------------------------------------------------------------------------------- TD3+BC
 def import_bench(name: str):
     sys.path.insert(0, str(HERE / "bench"))

@@ -79,9 +79,12 @@ def summarise(run: Path) -> dict:
     std = np.array([float(r.get("score_std") or 0.0) for r in evals])
     best = int(np.argmax(score))
     cfg = json.loads((run / "config.json").read_text())
+    done = np.diff([0] + [int(r["step"]) for r in rows])  # updates in each row's jitted call
+    train_s = float(np.sum(done / np.array([float(r["updates_per_sec"]) for r in rows])))
     return dict(steps=int(rows[-1]["step"]), seeds=cfg["num_seeds"], final=(score[-1], std[-1]),
                 best=(score[best], std[best]), late=score[steps > steps[-1] / 2].mean(),
-                minutes=float(rows[-1]["wall_time"]) / 60, curve=(steps, score, std), run=run)
+                minutes=float(rows[-1]["wall_time"]) / 60, train_minutes=train_s / 60, curve=(steps, score, std),
+                run=run)
 
 
 def report(results: dict[str, dict], dataset: str, out: Path) -> None:
@@ -97,14 +100,17 @@ def report(results: dict[str, dict], dataset: str, out: Path) -> None:
              f"evaluation in gymnasium {eval_env}, mean +- std over seeds (std 0 for one seed). Final: at the "
              "last step; best: the best evaluation of the seed-mean curve; 2nd-half mean: the mean of the seed-mean "
              "curve over the evaluations in the second half of the run (every 10k steps). Dataset's own mean "
-             f"return: {dataset_score}.", "",
-             "| method | steps | seeds | final score | best score | 2nd-half mean | wall-clock (min) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"return: {dataset_score}. Train: minutes inside the jitted update calls (all seeds together); "
+             "wall-clock: the run's own clock, evaluations included, and on this shared machine also any pause or "
+             "other run beside it.", "",
+             "| method | steps | seeds | final score | best score | 2nd-half mean | train (min) | wall-clock (min) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     # left: every row; right: the same curves zoomed on the band where CVL and BC differ
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw=dict(width_ratios=(3, 2)))
     for name, r in results.items():
         lines.append(f"| {name} | {r['steps']:,} | {r['seeds']} | {r['final'][0]:.1f} +- {r['final'][1]:.1f} | "
-                     f"{r['best'][0]:.1f} +- {r['best'][1]:.1f} | {r['late']:.1f} | {r['minutes']:.0f} |")
+                     f"{r['best'][0]:.1f} +- {r['best'][1]:.1f} | {r['late']:.1f} | {r['train_minutes']:.0f} | "
+                     f"{r['minutes']:.0f} |")
         x, y, s = r["curve"]
         for a in (ax, zoom):
             line, = a.plot(x, y, marker="o", ms=3, label=f"{name} ({r['seeds']} seed{'s' * (r['seeds'] > 1)})")
