@@ -963,6 +963,13 @@ def awr_advantage(nets: Networks, critic, actor, psi, batch: Batch, key, cfg: Co
                                          batch, key, cfg)
 
 
+def awr_weights(adv, cfg: Config):
+    """AWR's weights min(exp(beta A / std(A)), max_weight), held fixed, and their effective sample size as a
+    fraction of the batch, (sum w)^2 / (B sum w^2): 1 for equal weights, 1/B when one row has them all."""
+    w = jax.lax.stop_gradient(jnp.minimum(jnp.exp(cfg.awr_beta * adv / (adv.std() + 1e-8)), cfg.awr_max_weight))
+    return w, w.sum() ** 2 / (w.shape[0] * jnp.sum(w ** 2))
+
+
 def actor_loss_awr(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):
     """Advantage-weighted regression (one-step offline RL): -mean_i w_i log pi(a_i | s_i) on the dataset's actions,
     w = min(exp(beta A / std(A)), max_weight), A from --awr-advantage. The critic is asked about states and dataset
@@ -972,11 +979,11 @@ def actor_loss_awr(actor, critic, psi, nets: Networks, batch: Batch, key, alpha,
     u = mean + std * jax.random.normal(key, mean.shape)
     log_prob = tanh_gaussian_log_prob(mean, std, u)
     adv, v = awr_advantage(nets, critic, actor, psi, batch, jax.random.fold_in(key, 1), cfg)
-    w = jax.lax.stop_gradient(jnp.minimum(jnp.exp(cfg.awr_beta * adv / (adv.std() + 1e-8)), cfg.awr_max_weight))
+    w, ess = awr_weights(adv, cfg)
     bc = bc_nll(mean, std, batch.actions)
     loss = jnp.mean(w * bc + alpha * log_prob)
     return loss, dict(actor_loss=loss, q_mean=v.mean(), bc_nll=bc.mean(), entropy=-log_prob.mean(),
-                      awr_weight_max=w.max(), awr_adv_std=adv.std())
+                      awr_weight_max=w.max(), awr_adv_std=adv.std(), awr_ess=ess)
 
 
 ACTOR_OBJECTIVES = {"q": actor_loss_q, "awr": actor_loss_awr}

@@ -808,6 +808,7 @@ def test_actor_moves_towards_what_a_frozen_critic_prefers(objective, flags):
                                     jnp.tanh(mean + std * jax.random.normal(jax.random.key(k), mean.shape)), psi,
                                     batch.goal_rewards, cfg).mean()) for k in range(32)]
     assert float(metrics["q_mean"]) == pytest.approx(np.mean(q_draws), abs=4 * np.std(q_draws) + 1e-4)
+    assert objective != "awr" or 1 / 256 <= float(metrics["awr_ess"]) <= 1
 
 
 def test_awr_advantages_against_a_hand_computation():
@@ -837,6 +838,19 @@ def test_awr_advantages_against_a_hand_computation():
     assert np.allclose(a_td, want, atol=1e-5) and np.allclose(v_td, v(s, mean), atol=1e-5)
     a_q, v_q = cvl.advantage_q(q_of, dist_of, batch, key, cfg)
     assert np.allclose(a_q, np.asarray(q_of(s, a)) - v(s, mean), atol=1e-5) and np.allclose(v_q, v(s, mean), atol=1e-5)
+
+
+def test_awr_weights_and_their_effective_sample_size_against_numpy():
+    rng = np.random.default_rng(5)
+    adv = rng.standard_t(3, size=64).astype(np.float32)  # heavy tails, as AWR's advantages have
+    cfg = cvl.make_config("cpu", awr_beta=1.5, awr_max_weight=20.0)
+    w, ess = cvl.awr_weights(jnp.asarray(adv), cfg)
+    want = np.minimum(np.exp(1.5 * adv / adv.std()), 20.0)
+    np.testing.assert_allclose(w, want, rtol=1e-5)
+    assert float(ess) == pytest.approx(want.sum() ** 2 / (64 * (want ** 2).sum()), rel=1e-5)
+    assert float(cvl.awr_weights(jnp.zeros(64), cfg)[1]) == pytest.approx(1.0)  # equal weights: the whole batch
+    one = jnp.zeros(64).at[3].set(1.0)  # one row far above the rest, weights unclipped: nearly one row's worth
+    assert float(cvl.awr_weights(one, dataclasses.replace(cfg, awr_beta=5.0, awr_max_weight=1e9))[1]) < 2.0 / 64
 
 
 def test_awr_with_the_td_advantage_follows_the_datas_rewards_not_the_critics_action_ranking():
