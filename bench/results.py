@@ -35,6 +35,8 @@ METHODS = [
     ("CVL, AWR policy step (--actor-objective awr)", "cvl-awr", CVL, ["--actor-objective", "awr"], 3),
     ("CVL, AWR with the TD advantage (--actor-objective awr --awr-advantage td)", "cvl-awr-td", CVL,
      ["--actor-objective", "awr", "--awr-advantage", "td"], 3),
+    ("CVL, AWR with the TD advantage, beta 0.5 (... --awr-beta 0.5)", "cvl-awr-td-b05", CVL,
+     ["--actor-objective", "awr", "--awr-advantage", "td", "--awr-beta", "0.5"], 3),
     ("CVL, original code's Q (--q-estimator diag --goal-reward goal)", "cvl-diag", CVL,
      ["--q-estimator", "diag", "--goal-reward", "goal"], 1),
     ("CVL, the paper's batch 1024 (--batch-size 1024)", "cvl-batch1024", CVL, ["--batch-size", "1024"], 1),
