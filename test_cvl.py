@@ -1745,7 +1745,6 @@ def test_results_stops_in_one_line_when_a_run_is_stopped_and_resumes_it_next_tim
     assert calls[1][2:6] == ["--resume", str(run), "--steps", "300"]
 
 
-
 def test_results_table_summarises_a_run_by_a_plain_computation(tmp_path):
     """summarise: final, best and 2nd-half mean from the evaluation rows; train minutes = sum of each call's updates
     over its updates/s (pauses and evaluations excluded); the table and plot are written with those numbers."""
@@ -1769,6 +1768,7 @@ def test_results_table_summarises_a_run_by_a_plain_computation(tmp_path):
     row = next(line for line in out.read_text().splitlines() if line.startswith("| CVL |"))
     assert row == "| CVL | 800 | 3 | 25.0 +- 0.5 | 30.0 +- 2.0 | 22.5 | 5 | 80 |"
     assert out.with_suffix(".png").stat().st_size > 10_000
+
 
 # ---------------------------------------------------------------------------------------------- TD3+BC
 def import_bench(name: str):
