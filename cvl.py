@@ -1583,12 +1583,7 @@ def train_loop(state, data, train_chunk, elapsed, *, cfg, lead, run_dir, log, ne
         saved_step = step
 
     stop = {}  # set by SIGINT/SIGTERM; the wait for a jitted call polls it
-    handlers = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            handlers[sig] = signal.signal(sig, lambda signum, _: stop.setdefault("signal", signum))
-        except ValueError:  # not the main thread (e.g. some notebook runners): no graceful stop
-            pass
+    handlers = catch_stop_signals(stop)
     bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and lead), desc=run_label(cfg),
                dynamic_ncols=True)
     last_score = None
@@ -1644,8 +1639,7 @@ def train_loop(state, data, train_chunk, elapsed, *, cfg, lead, run_dir, log, ne
         raise Stopped(128 + stop.get("signal", signal.SIGINT)) from None
     finally:
         bar.close()
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+        restore_signals(handlers)
         if wandb_run is not None:
             wandb_run.finish()
 
@@ -1661,6 +1655,23 @@ def train_loop(state, data, train_chunk, elapsed, *, cfg, lead, run_dir, log, ne
               f"return {final.get('return_mean', float('nan')):.1f}; results in {run_dir}", flush=True)
     final["run_dir"] = str(run_dir)
     return final
+
+
+def catch_stop_signals(stop: dict) -> dict:
+    """Make SIGINT/SIGTERM set stop["signal"] instead of ending the process, so a training loop can save its last
+    finished step and exit. Returns the previous handlers, for restore_signals."""
+    handlers = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            handlers[sig] = signal.signal(sig, lambda signum, _: stop.setdefault("signal", signum))
+        except ValueError:  # not the main thread (e.g. some notebook runners): no graceful stop
+            pass
+    return handlers
+
+
+def restore_signals(handlers: dict) -> None:
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
 
 
 def ready_unless_stopped(outputs, stop: dict) -> bool:

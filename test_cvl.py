@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
+import flax.serialization
 import h5py
 import jax
 import jax.numpy as jnp
@@ -1851,3 +1852,38 @@ def test_td3_bc_cli_trains_evaluates_and_resumes(tmp_path, dataset):
     extended = td3_bc.main(["--resume", str(run), "--steps", "150", "--no-progress"])
     rows = read_rows(run)
     assert [int(r["step"]) for r in rows] == [50, 100, 150] and extended["step"] == 150
+
+
+def test_td3_bc_a_signal_saves_the_last_finished_step_and_resume_equals_an_uninterrupted_run(
+        tmp_path, dataset, monkeypatch, capsys):
+    """As for cvl.py: SIGTERM during a jitted call abandons it, saves the step before it and exits 128 + 15."""
+    td3_bc = import_bench("td3_bc")
+    args = ["--dataset", str(dataset), "--eval-env", ENV_ID, "--steps", "200", "--eval-every", "100",
+            "--updates-per-call", "50", "--checkpoint-every", "100", "--eval-episodes", "1", "--num-seeds", "2",
+            "--hidden", "32", "32", "--batch-size", "64", "--no-progress"]
+    straight = Path(td3_bc.main(args + ["--out", str(tmp_path / "straight")])["run_dir"])
+    real = td3_bc.make_train_fn
+
+    def make_train_fn(*a):
+        fn, calls = real(*a), []
+
+        def call(state, data, n):
+            out = fn(state, data, n)
+            calls.append(n)
+            if len(calls) == 2:  # during 50 -> 100: step 50, never checkpointed on schedule, is saved
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+        return call
+
+    monkeypatch.setattr(td3_bc, "make_train_fn", make_train_fn)
+    with pytest.raises(cvl.Stopped) as stopped:
+        td3_bc.main(args + ["--out", str(tmp_path / "cut")])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    (run,) = (tmp_path / "cut").iterdir()
+    saved = flax.serialization.msgpack_restore((run / "checkpoint.msgpack").read_bytes())
+    assert int(saved["step"]) == 50 and [int(r["step"]) for r in read_rows(run)] == [50]
+    assert f"interrupted at step 50; checkpoint saved. Continue with: python bench/td3_bc.py --resume {run}" in \
+        capsys.readouterr().err
+    monkeypatch.undo()
+    td3_bc.main(["--resume", str(run), "--no-progress"])
+    assert without_timing(read_rows(run)) == without_timing(read_rows(straight))

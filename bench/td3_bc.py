@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -226,31 +228,50 @@ def train(cfg: TD3BCConfig, resume: str = "") -> dict:
 
     train_chunk = make_train_fn(cfg, nets)
     step = int(np.max(np.asarray(state.step)))
+    saved_step = step if resume else None
     start = time.perf_counter() - (rows[-1]["wall_time"] if rows else 0.0)
     bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc="td3_bc", dynamic_ncols=True)
-    while step < cfg.steps:
-        n = min(cfg.updates_per_call, cfg.steps - step, cfg.eval_every - step % cfg.eval_every)
-        t0 = time.perf_counter()
-        state, metrics = train_chunk(state, transitions, n)
-        metrics = jax.tree.map(np.asarray, metrics)
-        dt, step = time.perf_counter() - t0, step + n
-        row = {"step": step, "wall_time": round(time.perf_counter() - start, 3), "updates_per_sec": n / dt}
-        for name, values in metrics.items():
-            row.update(cvl.per_seed_columns(name, values.mean(axis=0)))
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            returns = cvl.evaluate(eval_policy, jax.tree.map(np.asarray, state.actor), env_id, seeds,
-                                   cfg.eval_episodes)
-            row.update(cvl.per_seed_columns("return_mean", returns.mean(axis=1)))
-            row.update(cvl.per_seed_columns("score", cvl.normalized_score(returns.mean(axis=1), ref_min, ref_max)))
-        if not np.isfinite(row["critic_loss"]):
-            raise cvl.Diverged(f"non-finite critic loss by step {step}; the last checkpoint in {run_dir} is kept")
-        log.append(row)
-        bar.update(n)
-        bar.set_postfix(critic=f"{row['critic_loss']:.3g}", ups=f"{n / dt:.0f}",
-                        score=f"{row.get('score', np.nan):.1f}")
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+    stop = {}  # SIGINT/SIGTERM: save the last finished step and exit, as cvl.py does
+    handlers = cvl.catch_stop_signals(stop)
+    try:
+        while step < cfg.steps:
+            n = min(cfg.updates_per_call, cfg.steps - step, cfg.eval_every - step % cfg.eval_every,
+                    cfg.checkpoint_every - step % cfg.checkpoint_every)
+            t0 = time.perf_counter()
+            new_state, metrics = train_chunk(state, transitions, n)
+            if not cvl.ready_unless_stopped(metrics, stop):  # `state`, from before this call, is complete
+                raise KeyboardInterrupt
+            state, metrics = new_state, jax.tree.map(np.asarray, metrics)
+            dt, step = time.perf_counter() - t0, step + n
+            row = {"step": step, "wall_time": round(time.perf_counter() - start, 3), "updates_per_sec": n / dt}
+            for name, values in metrics.items():
+                row.update(cvl.per_seed_columns(name, values.mean(axis=0)))
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                returns = cvl.evaluate(eval_policy, jax.tree.map(np.asarray, state.actor), env_id, seeds,
+                                       cfg.eval_episodes)
+                row.update(cvl.per_seed_columns("return_mean", returns.mean(axis=1)))
+                row.update(cvl.per_seed_columns("score", cvl.normalized_score(returns.mean(axis=1), ref_min,
+                                                                                ref_max)))
+            if not np.isfinite(row["critic_loss"]):
+                raise cvl.Diverged(f"non-finite critic loss by step {step}; the last checkpoint in {run_dir} is kept")
+            log.append(row)
+            bar.update(n)
+            bar.set_postfix(critic=f"{row['critic_loss']:.3g}", ups=f"{n / dt:.0f}",
+                            score=f"{row.get('score', np.nan):.1f}")
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                save(run_dir, state, cfg, log.rows, (mean, std))
+                saved_step = step
+            if stop:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:  # a signal, or Ctrl-C outside a jitted call: `state` is the last finished step
+        if saved_step != step:
             save(run_dir, state, cfg, log.rows, (mean, std))
-    bar.close()
+        print(f"td3_bc: interrupted at step {step}; checkpoint saved. Continue with: python bench/td3_bc.py "
+              f"--resume {run_dir}", file=sys.stderr, flush=True)
+        raise cvl.Stopped(128 + stop.get("signal", signal.SIGINT)) from None
+    finally:
+        bar.close()
+        cvl.restore_signals(handlers)
     cvl.plot_learning_curve(log.rows, run_dir / "learning_curve.png", f"TD3+BC on {cvl.run_label(dcfg)}")
     final = dict(log.rows[-1])
     print(f"td3_bc: done at step {step}: normalised score {final.get('score', float('nan')):.1f}; results in "
@@ -268,15 +289,18 @@ def main(argv=None) -> dict:
             parser.add_argument(name, type=int, nargs="+", default=f.default)
         else:
             parser.add_argument(name, type={"int": int, "float": float}.get(f.type, str), default=f.default,
-                                help=f"(default: {f.default})")
+                                help=f"(default: {f.default}"
+                                + ("; with --resume, the run's own)" if f.name == "steps" else ")"))
     parser.add_argument("--resume", default="", help="continue (or extend with --steps) this run directory")
+    parser.set_defaults(steps=None)  # with --resume, the run's own target unless --steps is given
     args = vars(parser.parse_args(argv))
     resume = args.pop("resume")
     args["hidden"] = tuple(args["hidden"])
     if resume:
         saved = json.loads((Path(resume) / "config.json").read_text())
         saved["hidden"] = tuple(saved["hidden"])
-        args = {**saved, "steps": args["steps"], "progress": args["progress"]}
+        args = {**saved, "steps": args["steps"] or saved["steps"], "progress": args["progress"]}
+    args["steps"] = args["steps"] or TD3BCConfig.steps
     return train(TD3BCConfig(**args), resume)
 
 
@@ -286,3 +310,7 @@ if __name__ == "__main__":
     except cvl.CVLError as e:
         print(f"td3_bc: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except cvl.Stopped as e:  # saved; exit now rather than wait at shutdown for the jitted call still running
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(e.code)
