@@ -58,7 +58,10 @@ def _flag(default, help: str, **kw):
 
 @dataclass(frozen=True)
 class Config:
-    """Every knob of a run. Defaults are the paper's offline setting (the `paper` preset)."""
+    """Every knob of a run. Defaults are the paper's offline setting (the `paper` preset) except the policy step:
+    AWR on the one-step TD advantage, because the paper's Q-maximising actor collapsed on hopper-medium-local while
+    AWR beat behaviour cloning there and matched it on halfcheetah (README Results). --actor-objective q is the
+    paper's actor."""
 
     # --- data
     env: str = _flag("halfcheetah-medium-v2", "D4RL dataset name, e.g. hopper-medium-replay-v2, or a Minari dataset "
@@ -98,18 +101,19 @@ class Config:
     goal_reward: str = _flag("arrival", "r(g) for goal s_{t+k}: arrival: rewards[t+k-1], the reward of the step into "
                              "s_{t+k}, for which E[r(g)] / (1 - gamma) is exactly Q(s_t, a_t); goal: rewards[t+k], "
                              "the reward logged at the goal row (original code).", choices=("arrival", "goal"))
-    actor_objective: str = _flag("q", "q: maximise the Q estimate at the policy's reparameterised actions plus a BC "
-                                 "term (the paper); awr: advantage-weighted regression on the dataset's actions "
-                                 "(one-step offline RL), weights exp(awr_beta * A / std(A)).", choices=("q", "awr"))
+    actor_objective: str = _flag("awr", "awr: advantage-weighted regression on the dataset's actions (one-step "
+                                 "offline RL), weights exp(awr_beta * A / std(A)); q: maximise the Q estimate at the "
+                                 "policy's reparameterised actions plus a BC term (the paper; see --bc-coef).",
+                                 choices=("awr", "q"))
     bc_coef: float = _flag(0.05, "With --actor-objective q: weight of the behaviour-cloning term; 1.0 is pure "
                            "behaviour cloning.")
-    awr_beta: float = _flag(1.0, "With --actor-objective awr: inverse temperature on the batch-standardised "
+    awr_beta: float = _flag(0.5, "With --actor-objective awr: inverse temperature on the batch-standardised "
                             "advantage (0: behaviour cloning).")
     awr_max_weight: float = _flag(100.0, "With --actor-objective awr: clip the weights exp(beta A) at this value.")
-    awr_advantage: str = _flag("q", "With --actor-objective awr: q: A = Q(s, a_data) - V(s), the critic's own "
-                               "action ranking; td: A = (1 - gamma) r + gamma V(s') - V(s) on the data's transition, "
-                               "which needs only the critic's ranking of states. V(s) = mean Q(s, a~pi).",
-                               choices=("q", "td"))
+    awr_advantage: str = _flag("td", "With --actor-objective awr: td: A = (1 - gamma) r + gamma V(s') - V(s) on the "
+                               "data's transition, which needs only the critic's ranking of states; q: A = Q(s, a_data)"
+                               " - V(s), the critic's own action ranking. V(s) = mean Q(s, a~pi).",
+                               choices=("td", "q"))
     alpha: float = _flag(0.0, "Entropy coefficient (0: no entropy bonus, as in the paper's offline setting).")
     auto_alpha: bool = _flag(False, "Tune alpha SAC-style towards entropy -|A| instead of a fixed --alpha.")
     actor_min_std: float = _flag(1e-6, "Lower bound of the std of the actor's Gaussian before tanh.")
@@ -231,6 +235,9 @@ def check_config(cfg: Config) -> None:
         raise CVLError(f"--gamma must be in (0, 1), got {cfg.gamma}")
     if not 0.0 <= cfg.bc_coef <= 1.0:
         raise CVLError(f"--bc-coef must be in [0, 1], got {cfg.bc_coef}")
+    if cfg.actor_objective == "awr" and cfg.bc_coef != Config.bc_coef:
+        raise CVLError(f"--bc-coef {cfg.bc_coef} does nothing with --actor-objective awr (the default): add "
+                       f"--actor-objective q for the paper's actor, or use --awr-beta 0 for behaviour cloning")
     if not cfg.hidden or min(cfg.hidden) <= 0:
         raise CVLError(f"--hidden needs one or more positive widths, got {cfg.hidden}")
     if cfg.density_ratio == "corrected" and cfg.q_estimator == "normalized":
@@ -240,7 +247,8 @@ def check_config(cfg: Config) -> None:
     if cfg.actor_objective == "awr" and cfg.awr_advantage == "td" and not reward_units:
         raise CVLError(f"--awr-advantage td adds r to Q, so Q must be in the reward's units, which --q-estimator "
                        f"{cfg.q_estimator} with --density-ratio {cfg.density_ratio} is not; use --q-estimator "
-                       f"normalized (the default), or --density-ratio corrected with --critic-loss nce")
+                       f"normalized (the default), or --density-ratio corrected with --critic-loss nce, or the "
+                       f"paper's actor (--actor-objective q)")
     if not cfg.dataset and not cfg.evaluate and not is_minari_id(cfg.env):  # an unknown name or a bad mirror
         d4rl_urls(cfg.env, cfg.d4rl_url)  # fails here, before anything else
 

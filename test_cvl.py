@@ -784,7 +784,7 @@ def train_against_frozen_critic(batch, psi, phi, **flags):
 
 
 @pytest.mark.parametrize("objective, flags", [
-    ("awr", dict(awr_beta=2.0)), ("q", dict(bc_coef=0.5)), ("q", dict(bc_coef=0.5, q_estimator="marginal")),
+    ("awr", dict(awr_beta=2.0, awr_advantage="q")), ("q", dict(bc_coef=0.5)), ("q", dict(bc_coef=0.5, q_estimator="marginal")),
     ("q", dict(bc_coef=0.5, q_estimator="diag"))])
 def test_actor_moves_towards_what_a_frozen_critic_prefers(objective, flags):
     """Each actor objective, trained alone against the frozen critic, moves the policy's first action up, while
@@ -1239,6 +1239,7 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     (dict(actor_max_std=1e-7), "--actor-max-std must be above --actor-min-std"),
     (dict(eval_env="CartPole-v1"), "needs flat continuous (Box) spaces"),
     (dict(actor_objective="awr", awr_advantage="td", q_estimator="diag"), "--awr-advantage td adds r to Q"),
+    (dict(bc_coef=1.0), "--bc-coef 1.0 does nothing with --actor-objective awr (the default): add --actor-objective q"),
 ])
 def test_bad_flags_stop_before_anything_is_written(tmp_path, dataset, flags, expected):
     fails_in_one_line(small_args(dataset, tmp_path / "out", **flags), expected)
@@ -1489,7 +1490,7 @@ def test_binary_nce_learns_the_density_ratio_divided_by_b_minus_1():
 def test_one_update_uses_the_parameters_from_before_it_and_the_actor_never_moves_the_critic(raw_small):
     """learn_from_batch against an independent composition: the critic's gradient is that of its loss alone, and
     the actor's gradient is taken at the critic from before the step; Adam then applies both."""
-    cfg = cvl.make_config("cpu", hidden=(32,), repr_dim=8, batch_size=32, bc_coef=0.3)
+    cfg = cvl.make_config("cpu", hidden=(32,), repr_dim=8, batch_size=32, actor_objective="q", bc_coef=0.3)
     nets = cvl.make_networks(cfg, 6)
     state = cvl.init_state(jax.random.key(0), cfg, nets, 17, 6)
     learn = jax.jit(partial(cvl.learn_from_batch, cfg=cfg, nets=nets, shard=lambda x, *_: x))
@@ -1578,7 +1579,7 @@ def test_conservative_penalty_lowers_q_at_the_policys_actions_through_phi_only(r
 
 
 def test_bc_coef_1_is_exactly_behaviour_cloning(raw_small):
-    cfg = cvl.make_config("cpu", hidden=(32,), repr_dim=8, batch_size=32, bc_coef=1.0)
+    cfg = cvl.make_config("cpu", hidden=(32,), repr_dim=8, batch_size=32, actor_objective="q", bc_coef=1.0)
     nets = cvl.make_networks(cfg, 6)
     a, b = (cvl.init_state(jax.random.key(i), cfg, nets, 17, 6) for i in (0, 1))  # two different critics
     batch = cvl.sample_batch(cvl.make_data(raw_small), jax.random.key(1), 32, 0.99, "arrival")
@@ -1611,7 +1612,8 @@ def test_alpha_above_zero_keeps_the_policy_wider():
     batch, psi, phi = frozen_critic_problem(128, data_actions=False)
     entropy = {}
     for alpha in (0.0, 1.0):
-        cfg, nets, actor = train_against_frozen_critic(batch, psi, phi, hidden=(32,), bc_coef=0.0, alpha=alpha)
+        cfg, nets, actor = train_against_frozen_critic(batch, psi, phi, hidden=(32,), actor_objective="q",
+                                                       bc_coef=0.0, alpha=alpha)
         entropy[alpha] = float(cvl.actor_loss_q(actor, FROZEN_CRITIC, psi, nets, batch, jax.random.key(0), alpha,
                                                 cfg)[1]["entropy"])
     assert entropy[1.0] > entropy[0.0] + 1.0, entropy
@@ -1647,7 +1649,7 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
     expected = [sum(0.9 ** (j - t) * rewards[j] for j in range(t, ends[t] + 1)) for t in range(50)]
     np.testing.assert_allclose(diagnose_critic.mc_returns(rewards, ends, 0.9), expected, rtol=1e-10)
 
-    final = cvl.train(small_config(dataset, tmp_path, steps=100, num_seeds=2, eval_every=100))
+    final = cvl.train(small_config(dataset, tmp_path, steps=100, num_seeds=2, eval_every=100, actor_objective="q"))
     results = diagnose_critic.main([final["run_dir"], "--rows", "128", "--min-horizon", "20", "--simulate", "16",
                                     "--horizon", "20"])
     out = capsys.readouterr().out
@@ -1735,8 +1737,8 @@ def test_results_stops_in_one_line_when_a_run_is_stopped_and_resumes_it_next_tim
                         lambda cmd: calls.append(cmd) or subprocess.CompletedProcess(cmd, 143))
     args = SimpleNamespace(steps=300, quiet=True)
     with pytest.raises(SystemExit, match=r"cvl stopped with exit code 143; .* the same command resumes it"):
-        results.run_method(tmp_path / "cvl", results.CVL, ["--bc-coef", "1.0"], 3, "hopper-medium-local", args)
-    assert "--num-seeds" in calls[0] and calls[0][-3:] == ["--bc-coef", "1.0", "--no-progress"]
+        results.run_method(tmp_path / "cvl", results.CVL, ["--awr-beta", "1.0"], 3, "hopper-medium-local", args)
+    assert "--num-seeds" in calls[0] and calls[0][-3:] == ["--awr-beta", "1.0", "--no-progress"]
     run = tmp_path / "cvl" / "hopper-medium-local__s0__x"  # what the stopped run left: a checkpoint at step 100
     run.mkdir(parents=True)
     (run / "checkpoint.msgpack").write_bytes(b"x")

@@ -29,17 +29,17 @@ DATASETS = {
 CVL, TD3BC = ROOT / "cvl.py", ROOT / "bench" / "td3_bc.py"
 # (method, folder, script, extra flags, seeds). Everything else is cvl.py's cpu preset, or TD3+BC's published settings.
 METHODS = [
-    ("CVL", "cvl", CVL, [], 3),
-    ("BC (--bc-coef 1.0)", "bc", CVL, ["--bc-coef", "1.0"], 3),
+    ("CVL (default: AWR on the TD advantage, beta 0.5)", "cvl", CVL, [], 3),
+    ("BC (--actor-objective q --bc-coef 1.0)", "bc", CVL, ["--actor-objective", "q", "--bc-coef", "1.0"], 3),
     ("TD3+BC (bench/td3_bc.py)", "td3bc", TD3BC, [], 3),
-    ("CVL, AWR policy step (--actor-objective awr)", "cvl-awr", CVL, ["--actor-objective", "awr"], 3),
-    ("CVL, AWR with the TD advantage (--actor-objective awr --awr-advantage td)", "cvl-awr-td", CVL,
-     ["--actor-objective", "awr", "--awr-advantage", "td"], 3),
-    ("CVL, AWR with the TD advantage, beta 0.5 (... --awr-beta 0.5)", "cvl-awr-td-b05", CVL,
-     ["--actor-objective", "awr", "--awr-advantage", "td", "--awr-beta", "0.5"], 3),
-    ("CVL, original code's Q (--q-estimator diag --goal-reward goal)", "cvl-diag", CVL,
-     ["--q-estimator", "diag", "--goal-reward", "goal"], 1),
-    ("CVL, the paper's batch 1024 (--batch-size 1024)", "cvl-batch1024", CVL, ["--batch-size", "1024"], 1),
+    ("CVL, the paper's actor (--actor-objective q)", "cvl-q", CVL, ["--actor-objective", "q"], 3),
+    ("CVL, AWR beta 1 (--awr-beta 1.0)", "cvl-awr-td", CVL, ["--awr-beta", "1.0"], 3),
+    ("CVL, AWR on the critic's own advantage (--awr-advantage q --awr-beta 1.0)", "cvl-awr", CVL,
+     ["--awr-advantage", "q", "--awr-beta", "1.0"], 3),
+    ("CVL, paper's actor with the original code's Q (--actor-objective q --q-estimator diag --goal-reward goal)",
+     "cvl-diag", CVL, ["--actor-objective", "q", "--q-estimator", "diag", "--goal-reward", "goal"], 1),
+    ("CVL, paper's actor with the paper's batch 1024 (--actor-objective q --batch-size 1024)", "cvl-batch1024", CVL,
+     ["--actor-objective", "q", "--batch-size", "1024"], 1),
 ]
 
 
