@@ -1767,9 +1767,10 @@ def test_results_table_summarises_a_run_by_a_plain_computation(tmp_path):
     assert r["train_minutes"] == pytest.approx((4 * 100 / 5.0 + 4 * 100 / 2.0) / 60)
     assert r["minutes"] == pytest.approx(800 * 6.0 / 60)
     out = tmp_path / "table.md"
-    results.report({"CVL": r}, "hopper-medium-local", out)
+    results.report({"CVL": r}, "hopper-medium-local", out, note="Trained on a GPU, then finished on a CPU.")
     row = next(line for line in out.read_text().splitlines() if line.startswith("| CVL |"))
     assert row == "| CVL | 800 | 3 | 25.0 +- 0.5 | 30.0 +- 2.0 | 22.5 | 5 | 80 |"
+    assert "\nTrained on a GPU, then finished on a CPU.\n" in out.read_text()
     assert out.with_suffix(".png").stat().st_size > 10_000
 
 

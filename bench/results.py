@@ -89,7 +89,7 @@ def summarise(run: Path) -> dict:
                 run=run)
 
 
-def report(results: dict[str, dict], dataset: str, out: Path) -> None:
+def report(results: dict[str, dict], dataset: str, out: Path, note: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,7 +137,7 @@ def report(results: dict[str, dict], dataset: str, out: Path) -> None:
     fig.savefig(out.with_suffix(".png"), dpi=120)
     lines += ["", "Each row's steps are in the table. `python bench/results.py --steps N [--only FOLDER ...]` runs the "
               "rows (or extends them to N steps with --resume) and rewrites this file; run folders go to "
-              "`results/runs/` and are not committed.", "",
+              "`results/runs/` and are not committed.", *(["", note] if note else []), "",
               f"![normalised score vs step]({out.with_suffix('.png').name})", ""]
     out.write_text("\n".join(lines))
     print("\n".join(lines))
@@ -151,6 +151,8 @@ def main():
     parser.add_argument("--only", nargs="*", default=None, help="folders to run (default: all), e.g. cvl bc td3bc")
     parser.add_argument("--report-only", action="store_true", help="do not train; rebuild tables and plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--note", default="", help="a paragraph written under each table, e.g. where the runs "
+                        "were trained when not all on this machine")
     args = parser.parse_args()
     for dataset in args.datasets:
         results = {}
@@ -162,7 +164,7 @@ def main():
             if run is not None:
                 results[name] = summarise(run)
         if results:
-            report(results, dataset, ROOT / "results" / f"{dataset}.md")
+            report(results, dataset, ROOT / "results" / f"{dataset}.md", args.note)
 
 
 if __name__ == "__main__":
