@@ -60,7 +60,7 @@ def _flag(default, help: str, **kw):
 class Config:
     """Every knob of a run. Defaults are the paper's offline setting (the `paper` preset) except the policy step:
     AWR on the one-step TD advantage, because the paper's Q-maximising actor collapsed on hopper-medium-local while
-    AWR beat behaviour cloning there and matched it on halfcheetah (README Results). --actor-objective q is the
+    AWR stayed at behaviour cloning's level on both local datasets (README Results). --actor-objective q is the
     paper's actor."""
 
     # --- data
