@@ -1682,6 +1682,14 @@ def restore_signals(handlers: dict) -> None:
         signal.signal(sig, handler)
 
 
+def exit_now(code: int) -> None:
+    """Exit at once after a stop whose last step is saved, rather than wait at shutdown for the jitted call still
+    running (the __main__ of cvl.py and bench/td3_bc.py)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def ready_unless_stopped(outputs, stop: dict) -> bool:
     """Wait for a dispatched jitted call, polling so that Ctrl-C or SIGTERM is handled at once rather than after
     the call (minutes at the paper preset on a CPU). True once the outputs are ready, False if a signal came
@@ -1835,7 +1843,5 @@ if __name__ == "__main__":
     except CVLError as e:
         print(f"cvl: error: {e}", file=sys.stderr)
         sys.exit(3 if isinstance(e, Diverged) else 2)
-    except Stopped as e:  # saved; exit now rather than wait at shutdown for the jitted call still running
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(e.code)
+    except Stopped as e:
+        exit_now(e.code)

@@ -784,8 +784,8 @@ def train_against_frozen_critic(batch, psi, phi, **flags):
 
 
 @pytest.mark.parametrize("objective, flags", [
-    ("awr", dict(awr_beta=2.0, awr_advantage="q")), ("q", dict(bc_coef=0.5)), ("q", dict(bc_coef=0.5, q_estimator="marginal")),
-    ("q", dict(bc_coef=0.5, q_estimator="diag"))])
+    ("awr", dict(awr_beta=2.0, awr_advantage="q")), ("q", dict(bc_coef=0.5)),
+    ("q", dict(bc_coef=0.5, q_estimator="marginal")), ("q", dict(bc_coef=0.5, q_estimator="diag"))])
 def test_actor_moves_towards_what_a_frozen_critic_prefers(objective, flags):
     """Each actor objective, trained alone against the frozen critic, moves the policy's first action up, while
     behaviour cloning of the same data (centred on 0) does not; each logs Q at the policy's sampled actions as

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import signal
 import sys
 import time
@@ -299,8 +298,10 @@ def main(argv=None) -> dict:
     if resume:
         saved = json.loads((Path(resume) / "config.json").read_text())
         saved["hidden"] = tuple(saved["hidden"])
-        args = {**saved, "steps": args["steps"] or saved["steps"], "progress": args["progress"]}
-    args["steps"] = args["steps"] or TD3BCConfig.steps
+        args = {**saved, "steps": saved["steps"] if args["steps"] is None else args["steps"],
+                "progress": args["progress"]}
+    if args["steps"] is None:
+        args["steps"] = TD3BCConfig.steps
     return train(TD3BCConfig(**args), resume)
 
 
@@ -310,7 +311,5 @@ if __name__ == "__main__":
     except cvl.CVLError as e:
         print(f"td3_bc: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except cvl.Stopped as e:  # saved; exit now rather than wait at shutdown for the jitted call still running
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(e.code)
+    except cvl.Stopped as e:
+        cvl.exit_now(e.code)
