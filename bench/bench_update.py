@@ -9,6 +9,8 @@ Columns, all from this one run:
 - GFLOP per update from XLA's own cost analysis of the compiled one-update step;
 - this machine's peak dense float32 matmul throughput (a large jitted jnp.dot, best of several);
 - the fraction of that peak the train step reaches;
+- the same for the other policy step (the paper's actor, --actor-objective q, when the default is awr) at the first
+  size, so both can be compared in one run;
 - TD3+BC's updates/s (bench/td3_bc.py at its published settings), the reference method, on the same data;
 - the naive baseline: the same update maths, but each batch sampled on the host with numpy, copied to the device,
   and one jit call per update; and the speed-up over it.
@@ -46,8 +48,8 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def setup(raw, hidden: int, batch: int):
-    cfg = cvl.make_config("paper", hidden=(hidden, hidden), batch_size=batch, devices=1)
+def setup(raw, hidden: int, batch: int, **overrides):
+    cfg = cvl.make_config("paper", hidden=(hidden, hidden), batch_size=batch, devices=1, **overrides)
     obs_dim, act_dim = raw["observations"].shape[1], raw["actions"].shape[1]
     nets = cvl.make_networks(cfg, act_dim)
     mesh = cvl.make_mesh(cfg)
@@ -108,8 +110,11 @@ def main():
 
     raw = cvl.read_dataset_file(args.dataset)
     peak = peak_matmul_flops()
+    c = cvl.Config()
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), jax "
-          f"{jax.__version__}; dataset {args.dataset.name}; peak float32 matmul {peak / 1e9:.0f} GFLOP/s")
+          f"{jax.__version__}; dataset {args.dataset.name}; peak float32 matmul {peak / 1e9:.0f} GFLOP/s; "
+          f"CVL rows: the default policy step (--actor-objective {c.actor_objective}, --awr-advantage "
+          f"{c.awr_advantage})")
     header = ("| hidden | batch | updates/call | updates/s | GFLOP/update | GFLOP/s | % of matmul peak | "
               "naive updates/s | speed-up |")
     print(header + "\n|" + "---:|" * 9)
@@ -122,8 +127,17 @@ def main():
             ups, flops = fused_updates_per_sec(cfg, nets, mesh, state, data, n, args.seconds)
             print(f"| {hidden} | {batch} | {n} | {ups:,.1f} | {flops / 1e9:.3f} | {ups * flops / 1e9:,.1f} | "
                   f"{100 * ups * flops / peak:.0f}% | {naive:,.1f} | {ups / naive:.2f}x |", flush=True)
+    hidden, batch = map(int, args.sizes[0].split("x"))
+    default = cvl.Config().actor_objective
+    print()
+    for objective in (o for o in cvl.ACTOR_OBJECTIVES if o != default):  # the other policy steps, first size
+        cfg, nets, mesh, state = setup(raw, hidden, batch, actor_objective=objective)
+        ups, _ = fused_updates_per_sec(cfg, nets, mesh, state, cvl.replicate(cvl.make_data(raw), mesh),
+                                       args.updates_per_call, args.seconds)
+        print(f"CVL with --actor-objective {objective} (hidden {hidden}, batch {batch}), one seed, "
+              f"{args.updates_per_call} updates/call: {ups:,.1f} updates/s", flush=True)
     ups = td3_bc_updates_per_sec(raw, args.updates_per_call, args.seconds)
-    print(f"\nTD3+BC (bench/td3_bc.py, its published (256, 256), batch 256), one seed, {args.updates_per_call} "
+    print(f"TD3+BC (bench/td3_bc.py, its published (256, 256), batch 256), one seed, {args.updates_per_call} "
           f"updates/call: {ups:,.1f} updates/s", flush=True)
 
 
