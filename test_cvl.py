@@ -1654,7 +1654,7 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
                                     "--horizon", "20"])
     out = capsys.readouterr().out
     assert [r["seed"] for r in results] == [0, 1] and out.count("corr(Q, MC return)") == 6
-    assert out.count("AWR advantage td") == 2
+    assert out.count("AWR advantage td") == 4 and out.count("corr(A, A')") == 2 * len(cvl.ADVANTAGES)
     ckpt = cvl.load_checkpoint(Path(final["run_dir"]))
     cfg = ckpt["config"]
     data, _, obs_dim, act_dim = cvl.load_env_data(cfg)
@@ -1685,6 +1685,18 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
             adv, _ = cvl.awr_advantage(nets, critic, actor, psi, batch, jax.random.key(0),
                                        dataclasses.replace(cfg, awr_advantage=name))
             np.testing.assert_allclose(sim[f"advantage_{name}"], np.asarray(adv)[:16], rtol=1e-5, atol=1e-7)
+            # and again with independent goals (the next seed's draw) and policy samples: the retest
+            again = cvl.batch_at(data, jax.random.key(1), jnp.asarray(r["rows"][:cfg.batch_size]), cfg.gamma,
+                                 cfg.goal_reward)
+            adv_again, _ = cvl.awr_advantage(nets, critic, actor, cvl.goal_features(nets, critic, again.goals,
+                                                                                    again.absorbing),
+                                             again, jax.random.key(1), dataclasses.replace(cfg, awr_advantage=name))
+            retest = r[f"retest_{name}"]
+            np.testing.assert_allclose(retest["a"][:cfg.batch_size], np.asarray(adv), rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(retest["a_again"][:cfg.batch_size], np.asarray(adv_again), rtol=1e-5,
+                                       atol=1e-7)
+            assert not np.allclose(retest["a"], retest["a_again"])
+            assert retest["corr"][0] == pytest.approx(np.corrcoef(retest["a"], retest["a_again"])[0, 1], abs=1e-6)
             assert sim[f"advantage_{name}_corr"][0] == pytest.approx(
                 np.corrcoef(sim[f"advantage_{name}"], sim["g_data"] - sim["g_policy"])[0, 1], abs=1e-6)
         # G(a_policy): the seed's own policy from the restored state, by a plain loop

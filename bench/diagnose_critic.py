@@ -21,6 +21,9 @@ the negatives:
     (--awr-advantage), computed as in training for the data's action, is scored by its correlation with the
     simulator's advantage G(a_data) - G(a_policy), a_policy the policy's own first action: whether it knows which
     data actions beat the policy;
+  - each AWR advantage of cvl.py (--awr-advantage) of the data's actions, computed as in training, and again with
+    goals drawn independently (and other policy samples for V): corr(A, A'), how much of A is the row's and how
+    much the batch's goals (1: none of it is sampling noise);
 and, for --actor-objective q, the ratio of the actor's two gradient norms |grad (1 - bc) Q| / |grad bc * BC NLL| on a
 training batch (far below 1: the actor is behaviour cloning), from cvl.actor_loss_q itself.
 """
@@ -87,6 +90,7 @@ def main(argv=None):
     a_rand = jnp.asarray(rng.uniform(-1, 1, a.shape), jnp.float32)
     batch = cvl.batch_at(data, jax.random.key(args.seed), jnp.asarray(rows), cfg.gamma, cfg.goal_reward)
     goals, absorbing, r_g = batch.goals, batch.absorbing, batch.goal_rewards
+    batch_again = cvl.batch_at(data, jax.random.key(args.seed + 1), jnp.asarray(rows), cfg.gamma, cfg.goal_reward)
 
     print(f"{args.run}: step {ckpt['step']}, {n_rows} rows in batches of {b}, MC return mean {ret[rows].mean():.1f} "
           f"std {ret[rows].std():.1f}; Q estimator used in training: {cfg.q_estimator}")
@@ -127,6 +131,19 @@ def main(argv=None):
             mark = "*" if name == cfg.q_estimator else " "
             print(f"   {mark}{name:>10}: corr(Q, MC return) {show(result[name]['corr'])} | "
                   f"Q(a_data) > Q(a_random) {result[name]['beats_random']:.3f} | Q mean {q_data.mean():.3g}")
+
+        def advantage(name, bt, key):  # an AWR advantage of the rows' data actions, as training computes it
+            cfg_a = dataclasses.replace(cfg, awr_advantage=name)
+            return per_batch(lambda sl: cvl.awr_advantage(
+                nets, critic, actor, cvl.goal_features(nets, critic, bt.goals[sl], bt.absorbing[sl]),
+                jax.tree.map(lambda x: x[sl], bt), key, cfg_a)[0])
+
+        for name in cvl.ADVANTAGES:  # twice: with the scored batches' goals, then with independent ones
+            adv = advantage(name, batch, jax.random.key(args.seed))
+            adv_again = advantage(name, batch_again, jax.random.key(args.seed + 1))
+            result[f"retest_{name}"] = dict(a=adv, a_again=adv_again, corr=correlations(adv, adv_again))
+            print(f"     AWR advantage {name}{'*' if name == cfg.awr_advantage else ' '}: the same rows with other "
+                  f"goals and policy samples, corr(A, A') {show(result[f'retest_{name}']['corr'])}")
         if args.simulate:
             n = min(args.simulate, n_rows)
             policy = jax.jit(lambda obs: cvl.eval_action(nets, actor, obs))
@@ -146,10 +163,7 @@ def main(argv=None):
                   f"which is better {sim['agree']:.3f}; corr(Q(a_data) - Q(a_random), G(a_data) - G(a_random)) "
                   f"{show(sim['corr'])}")
             for name in cvl.ADVANTAGES:  # each AWR advantage of the data's action, computed as in training
-                cfg_a = dataclasses.replace(cfg, awr_advantage=name)
-                adv = per_batch(lambda sl: cvl.awr_advantage(
-                    nets, critic, actor, psi(sl), jax.tree.map(lambda x: x[sl], batch), jax.random.key(args.seed),
-                    cfg_a)[0])[:n][ok]
+                adv = result[f"retest_{name}"]["a"][:n][ok]
                 sim[f"advantage_{name}"], sim[f"advantage_{name}_corr"] = adv, correlations(adv, g_data - g_pi)
                 print(f"     AWR advantage {name}{'*' if name == cfg.awr_advantage else ' '}: corr(A(s, a_data), "
                       f"G(a_data) - G(a_policy)) {show(sim[f'advantage_{name}_corr'])}")
