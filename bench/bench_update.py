@@ -110,11 +110,11 @@ def main():
 
     raw = cvl.read_dataset_file(args.dataset)
     peak = peak_matmul_flops()
-    c = cvl.Config()
+    default = cvl.Config()
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), jax "
           f"{jax.__version__}; dataset {args.dataset.name}; peak float32 matmul {peak / 1e9:.0f} GFLOP/s; "
-          f"CVL rows: the default policy step (--actor-objective {c.actor_objective}, --awr-advantage "
-          f"{c.awr_advantage})")
+          f"CVL rows: the default policy step (--actor-objective {default.actor_objective}, --awr-advantage "
+          f"{default.awr_advantage})")
     header = ("| hidden | batch | updates/call | updates/s | GFLOP/update | GFLOP/s | % of matmul peak | "
               "naive updates/s | speed-up |")
     print(header + "\n|" + "---:|" * 9)
@@ -128,9 +128,9 @@ def main():
             print(f"| {hidden} | {batch} | {n} | {ups:,.1f} | {flops / 1e9:.3f} | {ups * flops / 1e9:,.1f} | "
                   f"{100 * ups * flops / peak:.0f}% | {naive:,.1f} | {ups / naive:.2f}x |", flush=True)
     hidden, batch = map(int, args.sizes[0].split("x"))
-    default = cvl.Config().actor_objective
     print()
-    for objective in (o for o in cvl.ACTOR_OBJECTIVES if o != default):  # the other policy steps, first size
+    others = [o for o in cvl.ACTOR_OBJECTIVES if o != default.actor_objective]
+    for objective in others:  # the other policy steps, at the first size
         cfg, nets, mesh, state = setup(raw, hidden, batch, actor_objective=objective)
         ups, _ = fused_updates_per_sec(cfg, nets, mesh, state, cvl.replicate(cvl.make_data(raw), mesh),
                                        args.updates_per_call, args.seconds)

@@ -102,8 +102,8 @@ def main(argv=None):
         def per_batch(fn):  # fn(batch slice) over the rows, one training-sized batch at a time
             return np.concatenate([np.asarray(fn(slice(k, k + b))) for k in range(0, n_rows, b)])
 
-        def psi(sl):
-            return cvl.goal_features(nets, critic, goals[sl], absorbing[sl])
+        def psi(sl, bt=batch):  # the goals' features of a batch slice
+            return cvl.goal_features(nets, critic, bt.goals[sl], bt.absorbing[sl])
 
         def q(actions, name):
             cfg_q = dataclasses.replace(cfg, q_estimator=name)
@@ -134,9 +134,8 @@ def main(argv=None):
 
         def advantage(name, bt, key):  # an AWR advantage of the rows' data actions, as training computes it
             cfg_a = dataclasses.replace(cfg, awr_advantage=name)
-            return per_batch(lambda sl: cvl.awr_advantage(
-                nets, critic, actor, cvl.goal_features(nets, critic, bt.goals[sl], bt.absorbing[sl]),
-                jax.tree.map(lambda x: x[sl], bt), key, cfg_a)[0])
+            return per_batch(lambda sl: cvl.awr_advantage(nets, critic, actor, psi(sl, bt),
+                                                          jax.tree.map(lambda x: x[sl], bt), key, cfg_a)[0])
 
         for name in cvl.ADVANTAGES:  # twice: with the scored batches' goals, then with independent ones
             adv = advantage(name, batch, jax.random.key(args.seed))
