@@ -88,6 +88,17 @@ class Config:
                          "estimates, which penalises actions they disagree on (the original code's twin_q: 2).")
     conservative: float = _flag(0.0, "CQL's penalty on the critic: add W * (mean Q(s, a~pi) - mean Q(s, a_data)) / "
                                 "std(r(g)) to its loss, lowering Q where the actor goes and the data did not (0: off).")
+    action_negatives: int = _flag(0, "M: per row, M other actions a' at the same state s_i are scored against the row's "
+                                  "own goal g_i, and a softmax over the data's action and the M others must pick the one "
+                                  "that led to g_i, so the action, not only the state, has to carry the signal (Lu et al. "
+                                  "2023's contrastive energy prediction). 0: off, the paper's critic.")
+    action_coef: float = _flag(1.0, "With --action-negatives: weight of that action loss beside the goal loss.")
+    action_sampler: str = _flag("bc", "With --action-negatives: where a' comes from. bc: a behaviour-cloning policy trained "
+                                "beside the critic, so the optimum stays f = log p(g|s,a)/p(g) up to a function of "
+                                "(s, g) and Q keeps its meaning; uniform: U[-1, 1], which adds log pi_beta(a|s) to f "
+                                "(an ablation: a biased critic).", choices=("bc", "uniform"))
+    layer_norm: bool = _flag(False, "LayerNorm after every hidden layer of phi and psi (as ReBRAC and Zheng et al. "
+                             "2023's stable contrastive RL).")
     tau: float = _flag(0.005, "With --critic-loss td: Polyak step of the target critic.")
     td_max_weight: float = _flag(20.0, "With --critic-loss td: clip the bootstrap weights exp(f_target) here.")
     q_estimator: str = _flag("normalized", "normalized: sum_j softmax_j(f(s,a,g_j)) r_j over the batch's other rows' "
@@ -103,8 +114,9 @@ class Config:
                              "the reward logged at the goal row (original code).", choices=("arrival", "goal"))
     actor_objective: str = _flag("awr", "awr: advantage-weighted regression on the dataset's actions (one-step "
                                  "offline RL), weights exp(awr_beta * A / std(A)); q: maximise the Q estimate at the "
-                                 "policy's reparameterised actions plus a BC term (the paper; see --bc-coef).",
-                                 choices=("awr", "q"))
+                                 "policy's reparameterised actions plus a BC term (the paper; see --bc-coef); ddpg: "
+                                 "TD3+BC's normalised DDPG+BC, lambda Q(s, pi(s)) - (pi(s) - a)^2 with lambda = "
+                                 "ddpg_alpha / mean|Q|.", choices=("awr", "q", "ddpg"))
     bc_coef: float = _flag(0.05, "With --actor-objective q: weight of the behaviour-cloning term; 1.0 is pure "
                            "behaviour cloning.")
     awr_beta: float = _flag(0.5, "With --actor-objective awr: inverse temperature on the batch-standardised "
@@ -114,6 +126,8 @@ class Config:
                                "data's transition, which needs only the critic's ranking of states; q: A = Q(s, a_data)"
                                " - V(s), the critic's own action ranking. V(s) = mean Q(s, a~pi).",
                                choices=("td", "q"))
+    ddpg_alpha: float = _flag(2.5, "With --actor-objective ddpg: the Q term's weight relative to the BC term, as "
+                              "TD3+BC's alpha (its 2.5).")
     alpha: float = _flag(0.0, "Entropy coefficient (0: no entropy bonus, as in the paper's offline setting).")
     auto_alpha: bool = _flag(False, "Tune alpha SAC-style towards entropy -|A| instead of a fixed --alpha.")
     actor_min_std: float = _flag(1e-6, "Lower bound of the std of the actor's Gaussian before tanh.")
@@ -217,11 +231,12 @@ def check_config(cfg: Config) -> None:
 
     positive = ("steps", "batch_size", "repr_dim", "critics", "num_seeds", "updates_per_call", "eval_every",
                 "eval_episodes", "checkpoint_every", "lr", "adam_eps", "actor_min_std", "awr_max_weight",
-                "td_max_weight")
+                "td_max_weight", "ddpg_alpha")
     for name in positive:
         if not getattr(cfg, name) > 0:
             raise CVLError(f"{flag(name)} must be positive, got {getattr(cfg, name)}")
-    for name in ("seed", "devices", "alpha", "awr_beta", "video_steps", "num_processes", "conservative"):
+    for name in ("seed", "devices", "alpha", "awr_beta", "video_steps", "num_processes", "conservative",
+                 "action_negatives", "action_coef"):
         if not getattr(cfg, name) >= 0:
             raise CVLError(f"{flag(name)} must be >= 0, got {getattr(cfg, name)}")
     if cfg.process_id < -1:
@@ -235,9 +250,15 @@ def check_config(cfg: Config) -> None:
         raise CVLError(f"--gamma must be in (0, 1), got {cfg.gamma}")
     if not 0.0 <= cfg.bc_coef <= 1.0:
         raise CVLError(f"--bc-coef must be in [0, 1], got {cfg.bc_coef}")
-    if cfg.actor_objective == "awr" and cfg.bc_coef != Config.bc_coef:
-        raise CVLError(f"--bc-coef {cfg.bc_coef} does nothing with --actor-objective awr (the default): add "
+    if cfg.actor_objective != "q" and cfg.bc_coef != Config.bc_coef:
+        raise CVLError(f"--bc-coef {cfg.bc_coef} does nothing with --actor-objective {cfg.actor_objective}: add "
                        f"--actor-objective q for the paper's actor, or use --awr-beta 0 for behaviour cloning")
+    if cfg.actor_objective == "ddpg" and (cfg.alpha > 0 or cfg.auto_alpha):
+        raise CVLError("--actor-objective ddpg has a deterministic policy step, so it takes no entropy bonus: drop "
+                       "--alpha / --auto-alpha, or pick --actor-objective q")
+    for name in ("action_coef", "action_sampler"):
+        if cfg.action_negatives == 0 and getattr(cfg, name) != getattr(Config, name):
+            raise CVLError(f"{flag(name)} does nothing without --action-negatives M (M > 0); add it or drop the flag")
     if not cfg.hidden or min(cfg.hidden) <= 0:
         raise CVLError(f"--hidden needs one or more positive widths, got {cfg.hidden}")
     if cfg.density_ratio == "corrected" and cfg.q_estimator == "normalized":
@@ -673,11 +694,13 @@ class MLP(nn.Module):
     hidden: Sequence[int]
     out: int
     kernel_init: Any = nn.initializers.lecun_normal()
+    layer_norm: bool = False
 
     @nn.compact
     def __call__(self, x):
         for width in self.hidden:
-            x = nn.relu(nn.Dense(width, kernel_init=self.kernel_init)(x))
+            x = nn.Dense(width, kernel_init=self.kernel_init)(x)
+            x = nn.relu(nn.LayerNorm()(x) if self.layer_norm else x)
         return nn.Dense(self.out, kernel_init=self.kernel_init)(x)
 
 
@@ -688,7 +711,8 @@ class Networks(NamedTuple):
 
 
 def make_networks(cfg: Config, act_dim: int) -> Networks:
-    encoder = partial(MLP, cfg.hidden, cfg.repr_dim, nn.initializers.glorot_uniform())  # as the original code
+    encoder = partial(MLP, cfg.hidden, cfg.repr_dim, nn.initializers.glorot_uniform(),  # as the original code
+                      layer_norm=cfg.layer_norm)
     return Networks(phi=encoder(), psi=encoder(), actor=MLP(cfg.hidden, 2 * act_dim, nn.initializers.lecun_uniform()))
 
 
@@ -845,6 +869,46 @@ def critic_loss_td(critic, state, batch: Batch, key, cfg: Config, nets: Networks
 CRITIC_LOSSES = {"nce": critic_loss_nce, "infonce": critic_loss_infonce, "td": critic_loss_td}
 
 
+# Contrasting actions at the same state (--action-negatives M). With the batch's other goals as negatives the critic
+# learns log p(g|s,a)/p(g), and at gamma 0.99 almost all of that is the state: it ranks states, not actions. Here
+# row i's own goal g_i is scored against its data action a_i and M actions a'_m at the same state s_i, and a softmax
+# over the M + 1 must pick a_i. Why a' must come from the behaviour policy: given g_i, the posterior that candidate
+# m produced it is p(g_i|s,a_m) pi_beta(a_m|s) / mu(a_m|s) normalised over the candidates (a_i ~ pi_beta, the
+# others ~ mu), so the loss's optimum is f(s,a,g) = log p(g|s,a) + log pi_beta(a|s)/mu(a|s) + c(s,g). With mu =
+# pi_beta it is log p(g|s,a) + c(s,g), of which the goal loss's optimum log p(g|s,a)/p(g) - log(B-1) is one
+# member: both losses agree and Q keeps its meaning. With mu uniform, f also learns log pi_beta(a|s): a bias
+# towards the data's actions. So mu is a behaviour-cloning policy trained beside the critic (its parameters are
+# critic["behavior"]; its NLL is part of the critic's loss, which no other term shares).
+def action_candidates(critic, batch: Batch, key, cfg: Config, nets: Networks):
+    """M actions a' per row from --action-sampler ([M, B, |A|], no gradient), and the behaviour model's NLL of the
+    data's actions (its training loss; 0 for the uniform sampler)."""
+    shape = (cfg.action_negatives, *batch.actions.shape)
+    if cfg.action_sampler == "uniform":
+        return jax.random.uniform(key, shape, minval=-1.0, maxval=1.0), jnp.zeros(())
+    mean, std = actor_dist(nets, critic["behavior"], batch.observations, cfg)
+    u = jax.lax.stop_gradient(mean + std * jax.random.normal(key, shape))
+    return jnp.tanh(u), bc_nll(mean, std, batch.actions).mean()
+
+
+def action_contrast(critic, batch: Batch, key, psi, cfg: Config, nets: Networks):
+    """Softmax cross-entropy over [a_i, a'_1..a'_M] at s_i against g_i: which action led to the goal."""
+    others, behavior_nll = action_candidates(critic, batch, key, cfg, nets)
+    actions = jnp.concatenate([batch.actions[None], others])  # [M + 1, B, |A|], the data's action first
+    phi = jax.vmap(lambda a: sa_features(nets, critic, batch.observations, a))(actions)  # [M + 1, B, d]
+    logits = jnp.sum(phi * psi[None], axis=-1).T  # [B, M + 1]: f(s_i, a_m, g_i); a shared bias cancels
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.zeros(logits.shape[0], jnp.int32)).mean()
+    return loss, behavior_nll, dict(action_loss=loss, action_accuracy=jnp.mean(jnp.argmax(logits, axis=1) == 0),
+                                    behavior_nll=behavior_nll)
+
+
+def with_action_contrast(loss_fn, critic, state, batch, key, cfg, nets, shard):
+    """loss_fn's loss plus --action-coef times action_contrast's, plus the behaviour model's own NLL."""
+    loss, (metrics, psi) = loss_fn(critic, state, batch, key, cfg, nets, shard)
+    action_loss, behavior_nll, action_metrics = action_contrast(critic, batch, jax.random.fold_in(key, 11), psi, cfg,
+                                                                nets)
+    return loss + cfg.action_coef * action_loss + behavior_nll, ({**metrics, **action_metrics}, psi)
+
+
 def conservative_gap(critic, state, batch: Batch, key, psi, cfg: Config, nets: Networks):
     """CQL's gap for --conservative: (mean Q(s, a~pi) - mean Q(s, a_data)) / std(r(g)) on the batch.
 
@@ -994,7 +1058,23 @@ def actor_loss_awr(actor, critic, psi, nets: Networks, batch: Batch, key, alpha,
                       awr_weight_max=w.max(), awr_adv_std=adv.std(), awr_ess=ess)
 
 
-ACTOR_OBJECTIVES = {"q": actor_loss_q, "awr": actor_loss_awr}
+def actor_loss_ddpg(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):
+    """TD3+BC's normalised DDPG+BC (Fujimoto & Gu 2021), which Park et al. (2024) found extracts a policy from a
+    critic far better than AWR: -lambda Q(s, pi(s)) + mean over dims of (pi(s) - a_data)^2 with pi(s) = tanh(mean)
+    and lambda = ddpg_alpha / mean_batch |Q| held fixed, so the trade-off is free of Q's scale. The std is not in
+    that objective; it is fitted by BC alone (the mean held fixed), so the policy's spread stays the data's where
+    a sample of pi is needed (V(s) of the TD advantage, contrastive TD's next action)."""
+    mean, std = actor_dist(nets, actor, batch.observations, cfg)
+    a = jnp.tanh(mean)
+    q = q_estimate(nets, critic, batch.observations, a, psi, batch.goal_rewards, cfg)
+    lmbda = jax.lax.stop_gradient(cfg.ddpg_alpha / (jnp.abs(q).mean() + 1e-8))
+    mse = jnp.mean((a - batch.actions) ** 2, axis=-1)
+    std_nll = bc_nll(jax.lax.stop_gradient(mean), std, batch.actions)
+    loss = jnp.mean(-lmbda * q + mse) + std_nll.mean()
+    return loss, dict(actor_loss=loss, q_mean=q.mean(), bc_mse=mse.mean(), bc_nll=std_nll.mean(), lmbda=lmbda)
+
+
+ACTOR_OBJECTIVES = {"q": actor_loss_q, "awr": actor_loss_awr, "ddpg": actor_loss_ddpg}
 
 
 # ======================================================================================================= update
@@ -1017,6 +1097,8 @@ def make_optimizer(cfg: Config):
 def init_critic(k_phi, k_psi, cfg: Config, nets: Networks, obs_dim: int, act_dim: int) -> dict:
     critic = {"phi": nets.phi.init(k_phi, jnp.zeros((1, obs_dim + act_dim))),
               "psi": nets.psi.init(k_psi, jnp.zeros((1, obs_dim))), "absorbing": jnp.zeros(cfg.repr_dim)}
+    if cfg.action_negatives > 0 and cfg.action_sampler == "bc":  # the behaviour model, the actor's architecture
+        critic["behavior"] = nets.actor.init(jax.random.fold_in(k_phi, 2), jnp.zeros((1, obs_dim)))
     if cfg.repr_norm == "unit":  # SigLIP's start: scale 10, and a bias at the log-odds of a positive, 1 / (B - 1)
         critic.update(absorbing=jax.random.normal(jax.random.fold_in(k_psi, 1), (cfg.repr_dim,)),
                       log_scale=jnp.asarray(math.log(10.0)), bias=jnp.asarray(-math.log(cfg.batch_size - 1)))
@@ -1057,6 +1139,8 @@ def critic_loss(critic, state: TrainState, batch: Batch, key, cfg: Config, nets:
     loss_fn = CRITIC_LOSSES[cfg.critic_loss]
     if cfg.conservative > 0:
         loss_fn = partial(with_conservative_penalty, loss_fn)
+    if cfg.action_negatives > 0:
+        loss_fn = partial(with_action_contrast, loss_fn)
     if not is_ensemble(critic):
         return loss_fn(critic, state, batch, key, cfg, nets, shard)
     losses, (metrics, psi) = jax.vmap(lambda c, target: loss_fn(c, state.replace(critic_target=target), batch, key,

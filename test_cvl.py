@@ -784,7 +784,7 @@ def train_against_frozen_critic(batch, psi, phi, **flags):
 
 
 @pytest.mark.parametrize("objective, flags", [
-    ("awr", dict(awr_beta=2.0, awr_advantage="q")), ("q", dict(bc_coef=0.5)),
+    ("awr", dict(awr_beta=2.0, awr_advantage="q")), ("q", dict(bc_coef=0.5)), ("ddpg", dict()),
     ("q", dict(bc_coef=0.5, q_estimator="marginal")), ("q", dict(bc_coef=0.5, q_estimator="diag"))])
 def test_actor_moves_towards_what_a_frozen_critic_prefers(objective, flags):
     """Each actor objective, trained alone against the frozen critic, moves the policy's first action up, while
@@ -798,18 +798,43 @@ def test_actor_moves_towards_what_a_frozen_critic_prefers(objective, flags):
         return cfg, nets, actor, cvl.eval_action(nets, actor, batch.observations)
 
     if objective not in BC_CHECKED:  # behaviour cloning is the same whatever the estimator: check it once
-        bc_action = train_actor(**(dict(awr_beta=0.0) if objective == "awr" else dict(bc_coef=1.0)))[-1]
+        bc = dict(awr=dict(awr_beta=0.0), q=dict(bc_coef=1.0), ddpg=dict(ddpg_alpha=1e-6))[objective]
+        bc_action = train_actor(**bc)[-1]
         assert abs(np.asarray(bc_action)[:, 0].mean()) < 0.15
         BC_CHECKED.add(objective)
     cfg, nets, actor, action = train_actor(**flags)
     assert np.asarray(action)[:, 0].mean() > 0.3
     _, metrics = cvl.ACTOR_OBJECTIVES[objective](actor, FROZEN_CRITIC, psi, nets, batch, jax.random.key(0), 0.1, cfg)
     mean, std = cvl.actor_dist(nets, actor, batch.observations, cfg)
+    if objective == "ddpg":  # the deterministic policy's Q
+        q = cvl.q_estimate(nets, FROZEN_CRITIC, batch.observations, jnp.tanh(mean), psi, batch.goal_rewards, cfg)
+        assert float(metrics["q_mean"]) == pytest.approx(float(q.mean()), rel=1e-5)
+        return
     q_draws = [float(cvl.q_estimate(nets, FROZEN_CRITIC, batch.observations,  # batch means of Q, 32 policy draws
                                     jnp.tanh(mean + std * jax.random.normal(jax.random.key(k), mean.shape)), psi,
                                     batch.goal_rewards, cfg).mean()) for k in range(32)]
     assert float(metrics["q_mean"]) == pytest.approx(np.mean(q_draws), abs=4 * np.std(q_draws) + 1e-4)
     assert objective != "awr" or 1 / 256 <= float(metrics["awr_ess"]) <= 1
+
+
+def test_ddpg_actor_loss_against_a_hand_computation():
+    """-lambda Q(s, tanh(mean)) + mean_dims (tanh(mean) - a)^2, lambda = ddpg_alpha / mean|Q|, plus the BC NLL of the
+    std with the mean held fixed: the mean's gradient comes from the first two terms only."""
+    batch, psi, phi = frozen_critic_problem(64, data_actions=True)
+    cfg = cvl.make_config("cpu", hidden=(16,), actor_objective="ddpg", ddpg_alpha=1.7)
+    nets = cvl.make_networks(cfg, 2)._replace(phi=phi)
+    actor = nets.actor.init(jax.random.key(1), batch.observations)
+    loss, metrics = cvl.actor_loss_ddpg(actor, FROZEN_CRITIC, psi, nets, batch, jax.random.key(0), 0.0, cfg)
+    mean, std = (np.asarray(x, np.float64) for x in cvl.actor_dist(nets, actor, batch.observations, cfg))
+    a, r = np.tanh(mean), np.asarray(batch.goal_rewards, np.float64)
+    f = 4 * a[:, :1] * r[None, :]  # the frozen critic: f(s_i, a_i, g_j) = 4 a_i0 r_j
+    np.fill_diagonal(f, -np.inf)  # each row's own goal left out
+    q = (np.exp(f - f.max(1, keepdims=True)) @ r) / np.exp(f - f.max(1, keepdims=True)).sum(1)
+    mse = ((a - np.asarray(batch.actions)) ** 2).mean(1)
+    nll = np.asarray(cvl.bc_nll(jnp.asarray(mean), jnp.asarray(std), batch.actions))
+    expected = np.mean(-1.7 / np.abs(q).mean() * q + mse) + nll.mean()
+    assert float(loss) == pytest.approx(expected, rel=1e-4)
+    assert float(metrics["lmbda"]) == pytest.approx(1.7 / np.abs(q).mean(), rel=1e-4)
 
 
 def test_awr_advantages_against_a_hand_computation():
@@ -1239,7 +1264,13 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     (dict(actor_max_std=1e-7), "--actor-max-std must be above --actor-min-std"),
     (dict(eval_env="CartPole-v1"), "needs flat continuous (Box) spaces"),
     (dict(actor_objective="awr", awr_advantage="td", q_estimator="diag"), "--awr-advantage td adds r to Q"),
-    (dict(bc_coef=1.0), "--bc-coef 1.0 does nothing with --actor-objective awr (the default): add --actor-objective q"),
+    (dict(bc_coef=1.0), "--bc-coef 1.0 does nothing with --actor-objective awr: add --actor-objective q"),
+    (dict(bc_coef=1.0, actor_objective="ddpg"), "--bc-coef 1.0 does nothing with --actor-objective ddpg"),
+    (dict(actor_objective="ddpg", alpha=0.1), "takes no entropy bonus: drop --alpha"),
+    (dict(actor_objective="ddpg", ddpg_alpha=0), "--ddpg-alpha must be positive"),
+    (dict(action_negatives=-1), "--action-negatives must be >= 0"),
+    (dict(action_coef=2.0), "--action-coef does nothing without --action-negatives M"),
+    (dict(action_sampler="uniform"), "--action-sampler does nothing without --action-negatives M"),
 ])
 def test_bad_flags_stop_before_anything_is_written(tmp_path, dataset, flags, expected):
     fails_in_one_line(small_args(dataset, tmp_path / "out", **flags), expected)
@@ -1485,6 +1516,79 @@ def test_binary_nce_learns_the_density_ratio_divided_by_b_minus_1():
     critic, _ = train(state.critic, opt.init(state.critic), jax.random.key(2))
     f = np.asarray(cvl.critic_logits(nets, critic, eye, jnp.zeros((k, 1)), eye, jnp.zeros(k, bool))[0])
     np.testing.assert_allclose(np.exp(f) * (b - 1), ratio, rtol=0.2)
+
+
+def action_toy_q_error(sampler: str) -> float:
+    """A toy with a known answer for --action-negatives: 2 one-hot states, behaviour a = tanh(u), u ~ N(-+0.5, 0.5),
+    goal 1 (reward 1) with p(g=1 | s, a) = sigmoid(4a + s - 0.5), else goal 0 (reward 0). Q = E[r(g) | s, a] is
+    read out as cvl's normalised estimator does, sum_g p(g) exp(f) r(g) / sum_g p(g) exp(f) over the exact
+    marginal; returns its largest error on a grid of actions in the behaviour's range after training cvl's critic
+    loss (goal NCE + action contrast with 8 actions from the sampler, and the behaviour model beside them)."""
+    b, steps = 64, 3000
+    cfg = cvl.make_config("cpu", hidden=(32, 32), repr_dim=4, batch_size=b, lr=3e-3, action_negatives=8,
+                          action_sampler=sampler)
+    nets = cvl.make_networks(cfg, 1)
+    state = cvl.init_state(jax.random.key(0), cfg, nets, 2, 1)
+    eye, means = jnp.eye(2), jnp.array([-0.5, 0.5])
+
+    def p1(s, a):
+        return jax.nn.sigmoid(4 * a + s - 0.5)
+
+    def batch(key, n=b):
+        ks, ka, kg = jax.random.split(key, 3)
+        s = jax.random.randint(ks, (n,), 0, 2)
+        a = jnp.tanh(means[s] + 0.5 * jax.random.normal(ka, (n,)))
+        g = (jax.random.uniform(kg, (n,)) < p1(s, a)).astype(jnp.int32)
+        z = jnp.zeros(n, bool)
+        return cvl.Batch(eye[s], a[:, None], eye[g], z, g.astype(jnp.float32), eye[s], z, z, jnp.zeros(n)), s, a
+
+    loss_fn = partial(cvl.critic_loss, state=state, cfg=cfg, nets=nets, shard=lambda x, *_: x)
+    opt = cvl.make_optimizer(cfg)
+
+    @jax.jit
+    def train(critic, opt_state, key):
+        def step(carry, key):
+            critic, opt_state = carry
+            grads = jax.grad(lambda c: loss_fn(c, batch=batch(key)[0], key=jax.random.fold_in(key, 1))[0])(critic)
+            updates, opt_state = opt.update(grads, opt_state)
+            return (optax.apply_updates(critic, updates), opt_state), None
+        return jax.lax.scan(step, (critic, opt_state), jax.random.split(key, steps))[0]
+
+    critic, _ = train(state.critic, opt.init(state.critic), jax.random.key(2))
+    _, s, a = batch(jax.random.key(9), 100_000)
+    p_g1 = float(p1(s, a).mean())
+    s_grid, a_grid = jnp.repeat(jnp.arange(2), 9), jnp.tile(jnp.linspace(-0.8, 0.8, 9), 2)
+    f = np.asarray(cvl.critic_logits(nets, critic, eye[s_grid], a_grid[:, None], eye, jnp.zeros(2, bool))[0])
+    w = np.array([1 - p_g1, p_g1]) * np.exp(f)
+    return float(np.abs(w[:, 1] / w.sum(1) - np.asarray(p1(s_grid, a_grid))).max())
+
+
+def test_contrasting_behaviour_actions_keeps_q_and_uniform_actions_bias_it():
+    """With a' from the behaviour model, the action loss's optimum agrees with the goal loss's, so Q is read out
+    right; with a' uniform, f also has to learn log pi_beta(a|s), which the critic's low-rank f cannot keep apart
+    from log p(g|s,a): Q is several times further off (0.05-0.09 vs 0.17-0.30 over 3 seeds when this was written)."""
+    behaviour, uniform = action_toy_q_error("bc"), action_toy_q_error("uniform")
+    assert behaviour < 0.1
+    assert uniform > 1.5 * behaviour
+
+
+def test_layer_norm_normalises_every_hidden_layer_of_phi_and_psi():
+    """--layer-norm: each hidden layer is relu(LayerNorm(W x + b)), against numpy; the actor has none."""
+    cfg = cvl.make_config("cpu", hidden=(8, 8), repr_dim=3, layer_norm=True)
+    nets = cvl.make_networks(cfg, 2)
+    params = nets.phi.init(jax.random.key(0), jnp.zeros((1, 5)))["params"]
+    x0 = np.random.default_rng(0).normal(size=(4, 5))
+    x = x0
+    for i in range(2):
+        h = x @ np.asarray(params[f"Dense_{i}"]["kernel"]) + np.asarray(params[f"Dense_{i}"]["bias"])
+        h = (h - h.mean(1, keepdims=True)) / np.sqrt(h.var(1, keepdims=True) + 1e-6)
+        x = np.maximum(h * np.asarray(params[f"LayerNorm_{i}"]["scale"]) + np.asarray(params[f"LayerNorm_{i}"]["bias"]),
+                       0)
+    x = x @ np.asarray(params["Dense_2"]["kernel"]) + np.asarray(params["Dense_2"]["bias"])
+    np.testing.assert_allclose(nets.phi.apply({"params": params}, jnp.asarray(x0, jnp.float32)), x, rtol=1e-4,
+                               atol=1e-5)
+    assert "LayerNorm_0" in nets.psi.init(jax.random.key(0), jnp.zeros((1, 5)))["params"]
+    assert "LayerNorm_0" not in nets.actor.init(jax.random.key(0), jnp.zeros((1, 5)))["params"]
 
 
 def test_one_update_uses_the_parameters_from_before_it_and_the_actor_never_moves_the_critic(raw_small):

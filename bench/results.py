@@ -34,6 +34,11 @@ METHODS = [
     ("TD3+BC (bench/td3_bc.py)", "td3bc", TD3BC, [], 3),
     ("CVL, the paper's actor (--actor-objective q)", "cvl-q", CVL, ["--actor-objective", "q"], 3),
     ("CVL, AWR beta 1 (--awr-beta 1.0)", "cvl-awr-td", CVL, ["--awr-beta", "1.0"], 3),
+    ("CVL, actions contrasted at the state + DDPG+BC actor (--action-negatives 8 --actor-objective ddpg)",
+     "cvl-ac8-ddpg", CVL, ["--action-negatives", "8", "--actor-objective", "ddpg"], 3),
+    ("CVL, DDPG+BC actor only (--actor-objective ddpg)", "cvl-ddpg", CVL, ["--actor-objective", "ddpg"], 3),
+    ("CVL, actions contrasted + DDPG+BC + LayerNorm (--action-negatives 8 --actor-objective ddpg --layer-norm)",
+     "cvl-ac8-ddpg-ln", CVL, ["--action-negatives", "8", "--actor-objective", "ddpg", "--layer-norm"], 3),
     ("CVL, AWR on the critic's own advantage (--awr-advantage q --awr-beta 1.0)", "cvl-awr", CVL,
      ["--awr-advantage", "q", "--awr-beta", "1.0"], 3),
     ("CVL, paper's actor with the original code's Q (--actor-objective q --q-estimator diag --goal-reward goal)",
@@ -149,6 +154,8 @@ def main():
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS), help="which tables")
     parser.add_argument("--runs", type=Path, default=ROOT / "results" / "runs", help="where run folders go")
     parser.add_argument("--only", nargs="*", default=None, help="folders to run (default: all), e.g. cvl bc td3bc")
+    parser.add_argument("--tables", type=Path, default=ROOT / "results", help="where <dataset>.md and .png go "
+                        "(e.g. results/screen-100k for a screen, so the main tables keep their rows)")
     parser.add_argument("--report-only", action="store_true", help="do not train; rebuild tables and plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--note", default="", help="a paragraph written under each table, e.g. where the runs "
@@ -164,7 +171,8 @@ def main():
             if run is not None:
                 results[name] = summarise(run)
         if results:
-            report(results, dataset, ROOT / "results" / f"{dataset}.md", args.note)
+            args.tables.mkdir(parents=True, exist_ok=True)
+            report(results, dataset, args.tables / f"{dataset}.md", args.note)
 
 
 if __name__ == "__main__":
