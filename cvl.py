@@ -851,9 +851,7 @@ def critic_loss_td(critic, state, batch: Batch, key, cfg: Config, nets: Networks
     logits = shard(pair_logits(critic, phi, psi), "data", None)  # f(s_i, a_i, g_j)
 
     next_a = policy_action(nets, state.actor, batch.next_observations, key, cfg)
-    target = state.critic_target
-    f_next = pair_logits(target, sa_features(nets, target, batch.next_observations, next_a),
-                         goal_features(nets, target, batch.goals, batch.absorbing))
+    f_next = target_logits(nets, state.critic_target, batch.next_observations, next_a, batch.goals, batch.absorbing)
     p_absorbing = jnp.maximum(batch.absorbing.mean(), 1.0 / batch.absorbing.shape[0])
     w = jnp.where(batch.done[:, None], batch.absorbing[None, :] / p_absorbing, jnp.exp(f_next))
     w = jax.lax.stop_gradient(jnp.minimum(w, cfg.td_max_weight))
@@ -864,6 +862,15 @@ def critic_loss_td(critic, state, batch: Batch, key, cfg: Config, nets: Networks
     loss = jnp.mean((1 - cfg.gamma) * bce(pos, 1.0) + neg.sum(axis=1) / off.sum(axis=1))
     metrics = contrastive_metrics(loss, logits - jnp.diag(jnp.diagonal(logits) - pos))  # positives s' on the diagonal
     return loss, ({**metrics, "td_weight_mean": (w * off).sum() / off.sum()}, psi)
+
+
+def target_logits(nets: Networks, target: dict, s, a, g, absorbing):
+    """f_target(s_i, a_i, g_j) for all pairs; with --critics > 1 the minimum over the target twins, so every member
+    bootstraps from the same pessimistic density ratio (the original code's twin_q)."""
+    if is_ensemble(target):
+        each = jax.vmap(target_logits, in_axes=(None, 0, None, None, None, None))(nets, target, s, a, g, absorbing)
+        return each.min(axis=0)
+    return pair_logits(target, sa_features(nets, target, s, a), goal_features(nets, target, g, absorbing))
 
 
 CRITIC_LOSSES = {"nce": critic_loss_nce, "infonce": critic_loss_infonce, "td": critic_loss_td}
@@ -1134,8 +1141,9 @@ def update_step(state: TrainState, data: Data, cfg: Config, nets: Networks, shar
 
 
 def critic_loss(critic, state: TrainState, batch: Batch, key, cfg: Config, nets: Networks, shard):
-    """The --critic-loss of the critic, or with --critics > 1 the sum of each critic's (each against its own target)
-    on the same batch, with their metrics averaged and their goal features psi stacked."""
+    """The --critic-loss of the critic, or with --critics > 1 the sum of each critic's on the same batch (contrastive
+    TD: each against the minimum of the target twins), with their metrics averaged and their goal features psi
+    stacked."""
     loss_fn = CRITIC_LOSSES[cfg.critic_loss]
     if cfg.conservative > 0:
         loss_fn = partial(with_conservative_penalty, loss_fn)
@@ -1143,8 +1151,7 @@ def critic_loss(critic, state: TrainState, batch: Batch, key, cfg: Config, nets:
         loss_fn = partial(with_action_contrast, loss_fn)
     if not is_ensemble(critic):
         return loss_fn(critic, state, batch, key, cfg, nets, shard)
-    losses, (metrics, psi) = jax.vmap(lambda c, target: loss_fn(c, state.replace(critic_target=target), batch, key,
-                                                                cfg, nets, shard))(critic, state.critic_target)
+    losses, (metrics, psi) = jax.vmap(lambda c: loss_fn(c, state, batch, key, cfg, nets, shard))(critic)
     return losses.sum(), (jax.tree.map(jnp.mean, metrics), psi)
 
 

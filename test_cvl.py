@@ -1640,11 +1640,18 @@ def test_twin_critics_learn_independently_and_q_is_their_minimum(raw_small, loss
                                       batch.goal_rewards, single)) for m in member]
     assert not np.allclose(each[0], each[1])
     np.testing.assert_allclose(q, np.minimum(*each), rtol=1e-6)
-    # the ensemble's gradient for critic i is that of critic i's loss alone (against its own target)
+    # the target of contrastive TD: the minimum of the target twins' logits
+    a_next = batch.actions[::-1]
+    twin = cvl.target_logits(nets, state.critic_target, batch.next_observations, a_next, batch.goals, batch.absorbing)
+    each_target = [np.asarray(cvl.target_logits(nets, t, batch.next_observations, a_next, batch.goals,
+                                                batch.absorbing)) for t in target]
+    assert not np.allclose(*each_target)
+    np.testing.assert_allclose(twin, np.minimum(*each_target), rtol=1e-6)
+    # the ensemble's gradient for critic i is that of critic i's loss alone (contrastive TD: against the twins' min)
     grads = jax.jit(jax.grad(lambda c: cvl.critic_loss(c, state, batch, key, cfg, nets, shard)[0]))(state.critic)
     for i in range(2):
         own = jax.jit(jax.grad(lambda c, i=i: cvl.CRITIC_LOSSES[loss](
-            c, state.replace(critic_target=target[i]), batch, key, single, nets, shard)[0]))(member[i])
+            c, state, batch, key, single, nets, shard)[0]))(member[i])
         for g, want in zip(jax.tree.leaves(jax.tree.map(lambda x, i=i: x[i], grads)), jax.tree.leaves(own)):
             np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-7)
 
