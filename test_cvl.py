@@ -1978,6 +1978,25 @@ def test_td3_bc_cli_trains_evaluates_and_resumes(tmp_path, dataset):
     extended = td3_bc.main(["--resume", str(run), "--steps", "150", "--no-progress"])
     rows = read_rows(run)
     assert [int(r["step"]) for r in rows] == [50, 100, 150] and extended["step"] == 150
+    # diagnose_critic scores its first critic on the data's vs random actions, states normalised as in training
+    diagnose_critic = import_bench("diagnose_critic")
+    results = diagnose_critic.main([str(run), "--rows", "128", "--min-horizon", "20", "--simulate", "8",
+                                    "--horizon", "10"])
+    data, _, obs_dim, act_dim = cvl.load_env_data(td3_bc.TD3BCConfig(dataset=str(dataset)).data_config())
+    norm = np.load(run / "normalizer.npz")
+    nets = td3_bc.Nets(actor=cvl.MLP((32, 32), act_dim), critic=cvl.MLP((32, 32), 1))
+    payload = flax.serialization.msgpack_restore((run / "checkpoint.msgpack").read_bytes())
+    assert [r["seed"] for r in results] == [0, 1]
+    for i, r in enumerate(results):
+        critic = jax.tree.map(lambda x: jnp.asarray(x[i]), payload["state"]["critic"])
+        s = (np.asarray(data.observations)[r["rows"]] - norm["mean"]) / norm["std"]
+        sa = np.concatenate([s, np.asarray(data.actions)[r["rows"]]], 1).astype(np.float32)
+        q1 = np.asarray(nets.critic.apply(jax.tree.map(lambda x: x[0], critic), sa))[:, 0]
+        np.testing.assert_allclose(r["q"], q1, rtol=1e-4, atol=1e-5)
+        assert r["beats_random"] == np.mean(r["q"] > r["q_random"])
+        sim = r["simulated"]
+        assert sim["agree"] == np.mean((r["q"][:8][sim["ok"]] > r["q_random"][:8][sim["ok"]]) ==
+                                       (sim["g_data"] > sim["g_random"]))
 
 
 def test_td3_bc_a_signal_saves_the_last_finished_step_and_resume_equals_an_uninterrupted_run(

@@ -58,7 +58,8 @@ def rank(x):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", help="a run directory (or its checkpoint.msgpack) written by cvl.py")
+    p.add_argument("run", help="a run directory (or its checkpoint.msgpack) written by cvl.py, or a run directory "
+                   "of bench/td3_bc.py (its critic, as the reference)")
     p.add_argument("--rows", type=int, default=4096, help="dataset rows (s, a) to score (a multiple of the batch)")
     p.add_argument("--seed", type=int, default=0, help="seed for the rows, goals and random actions")
     p.add_argument("--simulate", type=int, default=256, help="rows checked in the simulator (0: none)")
@@ -66,6 +67,8 @@ def main(argv=None):
     p.add_argument("--min-horizon", type=int, default=500, help="rows of time-limited episodes: at least this many "
                    "steps from the end")
     args = p.parse_args(argv)
+    if (Path(args.run) / "normalizer.npz").exists():  # a bench/td3_bc.py run: the TD critic as the reference
+        return diagnose_td3bc(args)
 
     ckpt = cvl.load_checkpoint(Path(args.run))
     cfg = ckpt["config"]
@@ -74,26 +77,17 @@ def main(argv=None):
     seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
     state = cvl.restore_state(cvl.init_states(cfg, nets, seeds, obs_dim, act_dim), ckpt["state"])
 
-    rng = np.random.default_rng(args.seed)
-    end = np.asarray(data.episode_end)
-    ret = mc_returns(np.asarray(data.rewards), end, cfg.gamma)
-    exact = np.asarray(data.terminal) | (end - np.arange(len(end)) >= args.min_horizon)
-    candidates = np.intersect1d(np.flatnonzero(exact), np.asarray(data.anchors))
     b = cfg.batch_size
-    n_rows = args.rows // b * b
-    if len(candidates) < max(n_rows, b):
-        raise SystemExit(f"diagnose_critic: only {len(candidates)} rows have a known return ({args.min_horizon} "
-                         f"steps from a time limit, or in an episode that fell) and --rows {args.rows} must be at "
-                         f"least the run's batch {b}; lower --rows or --min-horizon")
-    rows = rng.choice(candidates, n_rows, replace=False)
+    rows, ret, rng = pick_rows(data, cfg.gamma, b, args)
+    n_rows = len(rows)
     s, a = data.observations[rows], data.actions[rows]
     a_rand = jnp.asarray(rng.uniform(-1, 1, a.shape), jnp.float32)
     batch = cvl.batch_at(data, jax.random.key(args.seed), jnp.asarray(rows), cfg.gamma, cfg.goal_reward)
     goals, absorbing, r_g = batch.goals, batch.absorbing, batch.goal_rewards
     batch_again = cvl.batch_at(data, jax.random.key(args.seed + 1), jnp.asarray(rows), cfg.gamma, cfg.goal_reward)
 
-    print(f"{args.run}: step {ckpt['step']}, {n_rows} rows in batches of {b}, MC return mean {ret[rows].mean():.1f} "
-          f"std {ret[rows].std():.1f}; Q estimator used in training: {cfg.q_estimator}")
+    print(f"{args.run}: step {ckpt['step']}, {n_rows} rows in batches of {b}, MC return mean {ret.mean():.1f} "
+          f"std {ret.std():.1f}; Q estimator used in training: {cfg.q_estimator}")
     results = []
     for i, seed in enumerate(seeds):
         critic = jax.tree.map(lambda x: x[i], state.critic)
@@ -117,8 +111,8 @@ def main(argv=None):
             return jnp.exp(cvl.off_diagonal(f)).sum(axis=1) / (b - 1)
 
         zs = per_batch(z)
-        result = dict(seed=seed, rows=rows, mc_return=ret[rows], z_mean=float(zs.mean()), z_std=float(zs.std()),
-                      z_corr=correlations(zs, ret[rows]))
+        result = dict(seed=seed, rows=rows, mc_return=ret, z_mean=float(zs.mean()), z_std=float(zs.std()),
+                      z_corr=correlations(zs, ret))
         if cfg.actor_objective == "q":
             result["grad_ratio"] = actor_gradient_ratio(nets, critic, actor, data, cfg, jax.random.key(args.seed))
         print(f"  seed {seed}: Z(s, a) mean {zs.mean():.3g} (1/(B-1) = {1 / (b - 1):.3g}) std {zs.std():.3g}, "
@@ -126,7 +120,7 @@ def main(argv=None):
               + (f" | actor: |grad Q| / |grad BC| {result['grad_ratio']:.3g}" if "grad_ratio" in result else ""))
         for name in cvl.Q_ESTIMATORS:
             q_data, q_rand = q(a, name), q(a_rand, name)
-            result[name] = dict(corr=correlations(q_data, ret[rows]), beats_random=float(np.mean(q_data > q_rand)),
+            result[name] = dict(corr=correlations(q_data, ret), beats_random=float(np.mean(q_data > q_rand)),
                                 q_mean=float(q_data.mean()), q=q_data, q_random=q_rand)
             mark = "*" if name == cfg.q_estimator else " "
             print(f"   {mark}{name:>10}: corr(Q, MC return) {show(result[name]['corr'])} | "
@@ -144,28 +138,98 @@ def main(argv=None):
             print(f"     AWR advantage {name}{'*' if name == cfg.awr_advantage else ' '}: the same rows with other "
                   f"goals and policy samples, corr(A, A') {show(result[f'retest_{name}']['corr'])}")
         if args.simulate:
-            n = min(args.simulate, n_rows)
             policy = jax.jit(lambda obs: cvl.eval_action(nets, actor, obs))
-            a_pi = np.asarray(policy(s[:n]))  # the policy's own first action: G(a_pi) is its value V(s)
-            first_actions = np.concatenate([np.asarray(a[:n]), np.asarray(a_rand[:n]), a_pi])  # i, n + i, 2n + i
-            g = simulated_returns(env_id, np.asarray(s[:n]), first_actions, policy, cfg.gamma, args.horizon)
-            ok = ~np.isnan(g[:n])
-            g_data, g_rand, g_pi = g[:n][ok], g[n:2 * n][ok], g[2 * n:][ok]
-            q_d, q_r = result[cfg.q_estimator]["q"][:n][ok], result[cfg.q_estimator]["q_random"][:n][ok]
-            result["simulated"] = dict(rows=int(ok.sum()), g_data=g_data, g_random=g_rand, g_policy=g_pi,
-                                       data_better=float(np.mean(g_data > g_rand)),
-                                       agree=float(np.mean((q_d > q_r) == (g_data > g_rand))),
-                                       corr=correlations(q_d - q_r, g_data - g_rand))
-            sim = result["simulated"]
-            print(f"    simulator ({sim['rows']} rows, {args.horizon} steps, then this seed's policy): the data's "
-                  f"action is better {sim['data_better']:.3f} of the time; the critic ({cfg.q_estimator}) agrees on "
-                  f"which is better {sim['agree']:.3f}; corr(Q(a_data) - Q(a_random), G(a_data) - G(a_random)) "
-                  f"{show(sim['corr'])}")
+            sim = result["simulated"] = simulate_pairs(env_id, s, a, a_rand, result[cfg.q_estimator]["q"],
+                                                       result[cfg.q_estimator]["q_random"], policy, cfg.gamma, args,
+                                                       f"the critic ({cfg.q_estimator})")
+            ok, n = sim["ok"], len(sim["ok"])
+            g_data, g_pi = sim["g_data"], sim["g_policy"]
             for name in cvl.ADVANTAGES:  # each AWR advantage of the data's action, computed as in training
                 adv = result[f"retest_{name}"]["a"][:n][ok]
                 sim[f"advantage_{name}"], sim[f"advantage_{name}_corr"] = adv, correlations(adv, g_data - g_pi)
                 print(f"     AWR advantage {name}{'*' if name == cfg.awr_advantage else ' '}: corr(A(s, a_data), "
                       f"G(a_data) - G(a_policy)) {show(sim[f'advantage_{name}_corr'])}")
+        results.append(result)
+    return results
+
+
+def pick_rows(data: cvl.Data, gamma: float, b: int, args):
+    """--rows dataset rows (a multiple of the batch b) whose Monte-Carlo return is known, their returns, and the rng
+    that drew them (which then draws the random actions)."""
+    rng = np.random.default_rng(args.seed)
+    end = np.asarray(data.episode_end)
+    ret = mc_returns(np.asarray(data.rewards), end, gamma)
+    exact = np.asarray(data.terminal) | (end - np.arange(len(end)) >= args.min_horizon)
+    candidates = np.intersect1d(np.flatnonzero(exact), np.asarray(data.anchors))
+    n_rows = args.rows // b * b
+    if len(candidates) < max(n_rows, b):
+        raise SystemExit(f"diagnose_critic: only {len(candidates)} rows have a known return ({args.min_horizon} "
+                         f"steps from a time limit, or in an episode that fell) and --rows {args.rows} must be at "
+                         f"least the run's batch {b}; lower --rows or --min-horizon")
+    rows = rng.choice(candidates, n_rows, replace=False)
+    return rows, ret[rows], rng
+
+
+def simulate_pairs(env_id, s, a, a_rand, q_data, q_rand, policy, gamma, args, critic_name: str) -> dict:
+    """The first --simulate rows in the simulator: the data's action, the random one and the policy's own first
+    action, then the policy; whether the critic's Q(a_data) > Q(a_random) agrees with the returns G, and
+    corr(dQ, dG). Prints one line."""
+    n = min(args.simulate, len(s))
+    a_pi = np.asarray(policy(s[:n]))  # the policy's own first action: G(a_pi) is its value V(s)
+    first_actions = np.concatenate([np.asarray(a[:n]), np.asarray(a_rand[:n]), a_pi])  # i, n + i, 2n + i
+    g = simulated_returns(env_id, np.asarray(s[:n]), first_actions, policy, gamma, args.horizon)
+    ok = ~np.isnan(g[:n])
+    g_data, g_rand, g_pi = g[:n][ok], g[n:2 * n][ok], g[2 * n:][ok]
+    q_d, q_r = np.asarray(q_data)[:n][ok], np.asarray(q_rand)[:n][ok]
+    sim = dict(rows=int(ok.sum()), ok=ok, g_data=g_data, g_random=g_rand, g_policy=g_pi,
+               data_better=float(np.mean(g_data > g_rand)), agree=float(np.mean((q_d > q_r) == (g_data > g_rand))),
+               corr=correlations(q_d - q_r, g_data - g_rand))
+    print(f"    simulator ({sim['rows']} rows, {args.horizon} steps, then this seed's policy): the data's "
+          f"action is better {sim['data_better']:.3f} of the time; {critic_name} agrees on "
+          f"which is better {sim['agree']:.3f}; corr(Q(a_data) - Q(a_random), G(a_data) - G(a_random)) "
+          f"{show(sim['corr'])}")
+    return sim
+
+
+def diagnose_td3bc(args) -> list[dict]:
+    """The same rows, random actions and simulator check for a bench/td3_bc.py run's first critic Q_1 (the one its
+    actor follows), on states normalised as in its training: the agreement a TD critic reaches on these pairs."""
+    import json
+
+    import flax.serialization
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import td3_bc
+
+    run = Path(args.run)
+    saved = json.loads((run / "config.json").read_text())
+    cfg = td3_bc.TD3BCConfig(**{**saved, "hidden": tuple(saved["hidden"])})
+    data, (env_id, _, _), obs_dim, act_dim = cvl.load_env_data(cfg.data_config())
+    nets = td3_bc.Nets(actor=cvl.MLP(cfg.hidden, act_dim), critic=cvl.MLP(cfg.hidden, 1))
+    seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
+    template = jax.vmap(lambda k: td3_bc.init_state(k, cfg, nets, obs_dim, act_dim))(
+        jnp.stack([jax.random.key(seed) for seed in seeds]))
+    payload = flax.serialization.msgpack_restore((run / "checkpoint.msgpack").read_bytes())
+    state = cvl.restore_state(template, payload["state"])
+    norm = np.load(run / "normalizer.npz")
+    mean, std = jnp.asarray(norm["mean"], jnp.float32), jnp.asarray(norm["std"], jnp.float32)
+    rows, ret, rng = pick_rows(data, cfg.discount, cfg.batch_size, args)
+    s, a = data.observations[rows], data.actions[rows]
+    a_rand = jnp.asarray(rng.uniform(-1, 1, a.shape), jnp.float32)
+    print(f"{args.run}: TD3+BC, step {payload['step']}, {len(rows)} rows, MC return mean {ret.mean():.1f}")
+    results = []
+    for i, seed in enumerate(seeds):
+        critic = jax.tree.map(lambda x: x[i], state.critic)
+        actor = jax.tree.map(lambda x: x[i], state.actor)
+        q_data, q_rand = (np.asarray(td3_bc.twin_q(nets, critic, (s - mean) / std, x)[0]) for x in (a, a_rand))
+        result = dict(seed=seed, rows=rows, q=q_data, q_random=q_rand, corr=correlations(q_data, ret),
+                      beats_random=float(np.mean(q_data > q_rand)))
+        print(f"  seed {seed}: corr(Q_1, MC return) {show(result['corr'])} | Q(a_data) > Q(a_random) "
+              f"{result['beats_random']:.3f}")
+        if args.simulate:
+            policy = jax.jit(lambda obs, actor=actor: td3_bc.policy(nets, actor, (obs - mean) / std))
+            result["simulated"] = simulate_pairs(env_id, s, a, a_rand, q_data, q_rand, policy, cfg.discount, args,
+                                                 "TD3+BC's critic")
         results.append(result)
     return results
 
