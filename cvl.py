@@ -1243,8 +1243,9 @@ def replicate(tree, mesh):
 
 
 def to_host(tree):
-    """Numpy copy of a replicated pytree; reads the local copy, so it works on every process of a multi-host run."""
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), tree)
+    """Numpy copy of a replicated pytree; reads the local copy, so it works on every process of a multi-host run
+    (numpy leaves are taken as they are)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x), tree)
 
 
 # =================================================================================================== evaluation
@@ -1269,13 +1270,20 @@ def eval_reset_seeds(seeds: Sequence[int], episodes: int) -> list[int]:
     return [10_007 * s + j for s in seeds for j in range(episodes)]
 
 
+def seeds_policy(policy):
+    """policy(params, obs) -> action, compiled once for parameters stacked over K seeds and observations
+    [K, episodes, obs]: make it once per run and pass it to every evaluate(). CVL's policy is
+    partial(eval_action, nets)."""
+    return jax.jit(jax.vmap(policy))
+
+
 def evaluate(policy, actor_params, env_id: str, seeds: Sequence[int], episodes: int) -> np.ndarray:
-    """Returns [K, episodes] of returns of policy(params, obs) -> action, params stacked over K seeds; all
-    K x episodes run as one vectorised env. CVL's policy is partial(eval_action, nets)."""
+    """Returns [K, episodes] of returns of a seeds_policy(...), params stacked over K seeds; all K x episodes run as
+    one vectorised env. The parameters go to the device once; each env step moves only observations and actions."""
     import gymnasium as gym
 
     k = len(seeds)
-    policy = jax.jit(jax.vmap(policy))  # vmap over seeds: params [K, ...], obs [K, E, obs]
+    actor_params = jax.device_put(to_host(actor_params), jax.local_devices()[0])
     with quiet_env_creation():
         envs = gym.make_vec(env_id, num_envs=k * episodes, vectorization_mode="sync")
     try:
@@ -1686,6 +1694,7 @@ def train_loop(state, data, train_chunk, elapsed, *, cfg, lead, run_dir, log, ne
     bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and lead), desc=run_label(cfg),
                dynamic_ncols=True)
     last_score = None
+    policy = seeds_policy(partial(eval_action, nets))  # compiled at the first evaluation, reused by the others
     start = time.perf_counter() - elapsed
     try:
         while step < cfg.steps:
@@ -1708,7 +1717,9 @@ def train_loop(state, data, train_chunk, elapsed, *, cfg, lead, run_dir, log, ne
             for name, values in metrics.items():
                 row.update(per_seed_columns(name, values.mean(axis=0)))
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                returns = evaluate(partial(eval_action, nets), to_host(state.actor), env_id, seeds, cfg.eval_episodes)
+                t_eval = time.perf_counter()
+                returns = evaluate(policy, state.actor, env_id, seeds, cfg.eval_episodes)
+                row["eval_seconds"] = round(time.perf_counter() - t_eval, 3)
                 row.update(per_seed_columns("return_mean", returns.mean(axis=1)))
                 row.update(per_seed_columns("return_std", returns.std(axis=1)))
                 row.update(per_seed_columns("score", normalized_score(returns.mean(axis=1), ref_min, ref_max)))
@@ -1815,7 +1826,7 @@ def evaluate_checkpoint(path: str, episodes: int, video: str = "", video_steps: 
     nets = make_networks(cfg, act_dim)
     seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
     state = restore_state(init_states(cfg, nets, seeds, obs_dim, act_dim), ckpt["state"])
-    returns = evaluate(partial(eval_action, nets), to_host(state.actor), env_id, seeds, episodes)
+    returns = evaluate(seeds_policy(partial(eval_action, nets)), state.actor, env_id, seeds, episodes)
     scores = normalized_score(returns.mean(axis=1), ref_min, ref_max)
     result = {"step": ckpt["step"], **per_seed_columns("return_mean", returns.mean(axis=1)),
               **per_seed_columns("score", scores)}

@@ -1021,8 +1021,8 @@ def test_k_seed_run_equals_single_runs(tmp_path, dataset):
         # own weights with seed i's env seeds.
         cfg = small_config(dataset, tmp_path)
         actor_i = jax.tree.map(lambda x, i=i: x[i: i + 1], multi_state["actor"])
-        returns = cvl.evaluate(partial(cvl.eval_action, cvl.make_networks(cfg, 6)), actor_i, ENV_ID, [i],
-                               cfg.eval_episodes)
+        policy = cvl.seeds_policy(partial(cvl.eval_action, cvl.make_networks(cfg, 6)))
+        returns = cvl.evaluate(policy, actor_i, ENV_ID, [i], cfg.eval_episodes)
         score = cvl.normalized_score(returns.mean(), *cvl.D4RL_ENVS["halfcheetah"][1:])
         assert float(multi[-1][f"score_s{i}"]) == pytest.approx(score, rel=1e-9)
     scores = [float(multi[-1][f"score_s{i}"]) for i in range(2)]
@@ -1031,6 +1031,21 @@ def test_k_seed_run_equals_single_runs(tmp_path, dataset):
 
 
 # ---------------------------------------------------------------------------------------------- end to end
+def test_evaluation_compiles_the_policy_once_per_run_and_logs_its_seconds(tmp_path, dataset, monkeypatch):
+    traces, eval_action = [], cvl.eval_action
+
+    def counted(nets, actor, s):  # runs once per trace (compile), not per call
+        traces.append(s.shape)
+        return eval_action(nets, actor, s)
+
+    monkeypatch.setattr(cvl, "eval_action", counted)
+    cvl.train(small_config(dataset, tmp_path, steps=150, eval_every=50, num_seeds=2))
+    rows = read_rows(next(tmp_path.glob("*/")))
+    assert [int(r["step"]) for r in rows if r.get("score")] == [50, 100, 150]
+    assert all(float(r["eval_seconds"]) > 0 for r in rows if r.get("score"))
+    assert len(traces) == 1  # three evaluations, one compile
+
+
 def test_cli_end_to_end_cpu_preset(tmp_path, dataset):
     run_cli("--dataset", dataset, "--preset", "cpu", "--steps", "300", "--out", tmp_path, "--eval-episodes", "3",
             "--no-progress")

@@ -12,6 +12,7 @@ Columns, all from this one run:
 - the same for the other policy step (the paper's actor, --actor-objective q, when the default is awr) at the first
   size, so both can be compared in one run;
 - TD3+BC's updates/s (bench/td3_bc.py at its published settings), the reference method, on the same data;
+- the seconds of one 10-episode evaluation (cvl.evaluate, the policy compiled once) and its share of a run;
 - the naive baseline: the same update maths, but each batch sampled on the host with numpy, copied to the device,
   and one jit call per update; and the speed-up over it.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -106,6 +108,7 @@ def main():
     parser.add_argument("--sizes", nargs="+", default=["256x256", "1024x1024"], help="hidden x batch pairs")
     parser.add_argument("--updates-per-call", type=int, default=100, help="N for the lax.scan rows")
     parser.add_argument("--seconds", type=float, default=10.0, help="minimum timed seconds per row")
+    parser.add_argument("--eval-episodes", type=int, default=10, help="episodes of the timed evaluation")
     args = parser.parse_args()
 
     raw = cvl.read_dataset_file(args.dataset)
@@ -125,6 +128,8 @@ def main():
         naive = naive_updates_per_sec(cfg, nets, state, raw, args.seconds)
         for n in (1, args.updates_per_call):
             ups, flops = fused_updates_per_sec(cfg, nets, mesh, state, data, n, args.seconds)
+            if size == args.sizes[0]:
+                fused = ups  # the first size's N-per-call speed, for the evaluation's share below
             print(f"| {hidden} | {batch} | {n} | {ups:,.1f} | {flops / 1e9:.3f} | {ups * flops / 1e9:,.1f} | "
                   f"{100 * ups * flops / peak:.0f}% | {naive:,.1f} | {ups / naive:.2f}x |", flush=True)
     hidden, batch = map(int, args.sizes[0].split("x"))
@@ -139,6 +144,22 @@ def main():
     ups = td3_bc_updates_per_sec(raw, args.updates_per_call, args.seconds)
     print(f"TD3+BC (bench/td3_bc.py, its published (256, 256), batch 256), one seed, {args.updates_per_call} "
           f"updates/call: {ups:,.1f} updates/s", flush=True)
+    env_id = cvl.eval_env_spec(cvl.make_config(dataset=str(args.dataset)))[0]
+    first, again = evaluation_seconds(raw, env_id, hidden, args.eval_episodes)
+    every = cvl.Config.eval_every
+    print(f"Evaluation, {args.eval_episodes} episodes of {env_id}, one seed (hidden {hidden}): {again:.2f} s "
+          f"({first:.2f} s the first time, compile included); at the fused rows' {fused:,.0f} updates/s it is "
+          f"{100 * again / (again + every / fused):.1f}% of a run that evaluates every {every:,} steps", flush=True)
+
+
+def evaluation_seconds(raw, env_id: str, hidden: int, episodes: int) -> tuple[float, float]:
+    """Seconds of one cvl.evaluate of an untrained CVL policy, first (compiling the policy) and second call. An
+    untrained hopper falls at once; halfcheetah always runs its 1,000 steps, as trained policies do."""
+    cfg = cvl.make_config("paper", hidden=(hidden, hidden))
+    nets = cvl.make_networks(cfg, raw["actions"].shape[1])
+    actor = cvl.init_states(cfg, nets, [0], raw["observations"].shape[1], raw["actions"].shape[1]).actor
+    policy = cvl.seeds_policy(partial(cvl.eval_action, nets))
+    return tuple(timed(lambda: cvl.evaluate(policy, actor, env_id, [0], episodes)) for _ in range(2))
 
 
 def td3_bc_updates_per_sec(raw, n: int, min_seconds: float) -> float:

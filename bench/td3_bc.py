@@ -222,6 +222,7 @@ def train(cfg: TD3BCConfig, resume: str = "") -> dict:
     print(f"td3_bc: {cvl.run_label(dcfg)}: {len(transitions.rows):,} transitions, eval on {env_id}, "
           f"{len(seeds)} seed(s) -> {run_dir}", flush=True)
 
+    @cvl.seeds_policy
     def eval_policy(actor, s):  # the policy sees states normalised as in training
         return policy(nets, actor, (s - mean) / std)
 
@@ -246,8 +247,7 @@ def train(cfg: TD3BCConfig, resume: str = "") -> dict:
             for name, values in metrics.items():
                 row.update(cvl.per_seed_columns(name, values.mean(axis=0)))
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                returns = cvl.evaluate(eval_policy, jax.tree.map(np.asarray, state.actor), env_id, seeds,
-                                       cfg.eval_episodes)
+                returns = cvl.evaluate(eval_policy, state.actor, env_id, seeds, cfg.eval_episodes)
                 row.update(cvl.per_seed_columns("return_mean", returns.mean(axis=1)))
                 row.update(cvl.per_seed_columns("score", cvl.normalized_score(returns.mean(axis=1), ref_min,
                                                                                 ref_max)))
