@@ -77,17 +77,15 @@ class Config:
     lr: float = _flag(3e-4, "Adam learning rate for critic and actor.")
     adam_eps: float = _flag(1e-7, "Adam epsilon.")
     gamma: float = _flag(0.99, "Discount: goals are s_{t+k} with P(k) proportional to gamma^(k-1).")
-    critic_loss: str = _flag("nce", "nce: binary NCE (sigmoid) on B x B logits; infonce: softmax CE on rows; td: "
-                             "contrastive TD (the original code's use_td), the learned policy's future by "
-                             "bootstrapping from s' with a target critic.", choices=("nce", "infonce", "td"))
+    critic_loss: str = _flag("nce", "nce: binary NCE (sigmoid) on B x B logits (the paper's); td: contrastive TD (the "
+                             "original code's use_td), the learned policy's future by bootstrapping from s' with a "
+                             "target critic.", choices=("nce", "td"))
     repr_norm: str = _flag("none", "none: f = phi . psi as the original code; unit: the paper's unit-norm phi and psi, "
                            "f = scale * cos(phi, psi) + bias with a learned scale and bias (as SigLIP's sigmoid loss), "
                            "so an action can move Q only by where phi points, not by how long it is.",
                            choices=("none", "unit"))
     critics: int = _flag(1, "Independent critics trained side by side on the same batches; Q is the minimum of their "
                          "estimates, which penalises actions they disagree on (the original code's twin_q: 2).")
-    conservative: float = _flag(0.0, "CQL's penalty on the critic: add W * (mean Q(s, a~pi) - mean Q(s, a_data)) / "
-                                "std(r(g)) to its loss, lowering Q where the actor goes and the data did not (0: off).")
     action_negatives: int = _flag(0, "M: per row, M other actions a' at the same state s_i are scored against the row's "
                                   "own goal g_i, and a softmax over the data's action and the M others must pick the one "
                                   "that led to g_i, so the action, not only the state, has to carry the signal (Lu et al. "
@@ -105,10 +103,6 @@ class Config:
                              "goals, an estimate of (1 - gamma) Q; diag: exp(f(s,a,g_i)) r_i, row i's own goal "
                              "(original code); marginal: mean_j exp(f(s,a,g_j)) r_j over the other rows' goals.",
                              choices=("normalized", "diag", "marginal"))
-    density_ratio: str = _flag("raw", "For --q-estimator diag or marginal. raw: Q from exp(f) as the original code; "
-                               "corrected: (B-1) exp(f) with the nce critic, whose optimum is "
-                               "exp(f) = p(g|s,a) / ((B-1) p(g)).",
-                               choices=("raw", "corrected"))
     goal_reward: str = _flag("arrival", "r(g) for goal s_{t+k}: arrival: rewards[t+k-1], the reward of the step into "
                              "s_{t+k}, for which E[r(g)] / (1 - gamma) is exactly Q(s_t, a_t); goal: rewards[t+k], "
                              "the reward logged at the goal row (original code).", choices=("arrival", "goal"))
@@ -224,6 +218,18 @@ def make_dir(path: Path, what: str, fix: str = "choose a writable location") -> 
     return path
 
 
+# Flags that act only with one variant: flag -> (the flag that picks the variant, the values it acts with; None:
+# any value above 0). Given with another variant, such a flag is an error, not silently ignored.
+VARIANT_FLAGS = {
+    "tau": ("critic_loss", ("td",)), "td_max_weight": ("critic_loss", ("td",)),
+    "action_coef": ("action_negatives", None), "action_sampler": ("action_negatives", None),
+    "bc_coef": ("actor_objective", ("q",)), "ddpg_alpha": ("actor_objective", ("ddpg",)),
+    "awr_beta": ("actor_objective", ("awr",)), "awr_max_weight": ("actor_objective", ("awr",)),
+    "awr_advantage": ("actor_objective", ("awr",)),
+    "alpha": ("actor_objective", ("awr", "q")), "auto_alpha": ("actor_objective", ("awr", "q")),
+}
+
+
 def check_config(cfg: Config) -> None:
     """Range-check every flag, on every path (train, --resume, --evaluate, --inspect); one line per problem."""
     def flag(name):
@@ -235,8 +241,8 @@ def check_config(cfg: Config) -> None:
     for name in positive:
         if not getattr(cfg, name) > 0:
             raise CVLError(f"{flag(name)} must be positive, got {getattr(cfg, name)}")
-    for name in ("seed", "devices", "alpha", "awr_beta", "video_steps", "num_processes", "conservative",
-                 "action_negatives", "action_coef"):
+    for name in ("seed", "devices", "alpha", "awr_beta", "video_steps", "num_processes", "action_negatives",
+                 "action_coef"):
         if not getattr(cfg, name) >= 0:
             raise CVLError(f"{flag(name)} must be >= 0, got {getattr(cfg, name)}")
     if cfg.process_id < -1:
@@ -250,26 +256,27 @@ def check_config(cfg: Config) -> None:
         raise CVLError(f"--gamma must be in (0, 1), got {cfg.gamma}")
     if not 0.0 <= cfg.bc_coef <= 1.0:
         raise CVLError(f"--bc-coef must be in [0, 1], got {cfg.bc_coef}")
-    if cfg.actor_objective != "q" and cfg.bc_coef != Config.bc_coef:
-        raise CVLError(f"--bc-coef {cfg.bc_coef} does nothing with --actor-objective {cfg.actor_objective}: add "
-                       f"--actor-objective q for the paper's actor, or use --awr-beta 0 for behaviour cloning")
-    if cfg.actor_objective == "ddpg" and (cfg.alpha > 0 or cfg.auto_alpha):
-        raise CVLError("--actor-objective ddpg has a deterministic policy step, so it takes no entropy bonus: drop "
-                       "--alpha / --auto-alpha, or pick --actor-objective q")
-    for name in ("action_coef", "action_sampler"):
-        if cfg.action_negatives == 0 and getattr(cfg, name) != getattr(Config, name):
-            raise CVLError(f"{flag(name)} does nothing without --action-negatives M (M > 0); add it or drop the flag")
+    if not cfg.resume:  # a resumed run keeps the settings it ran under
+        for name, (switch, acts_with) in VARIANT_FLAGS.items():
+            value, now = getattr(cfg, name), getattr(cfg, switch)
+            acts = now > 0 if acts_with is None else now in acts_with
+            if value != getattr(Config, name) and not acts:
+                needs = f"{flag(switch)} M (M > 0)" if acts_with is None else f"{flag(switch)} {' or '.join(acts_with)}"
+                raise CVLError(f"{flag(name)} {value} does nothing with {flag(switch)} {now}: add {needs}, or drop "
+                               f"the flag")
+    if cfg.batch_size < 2:
+        raise CVLError(f"--batch-size {cfg.batch_size} leaves the critic no negatives (the other rows' goals); use "
+                       f"2 or more (256 or 1024 as the presets)")
+    if cfg.actor_objective == "awr" and cfg.awr_advantage == "td" and cfg.goal_reward == "goal":
+        raise CVLError("--goal-reward goal leaves r_t out of Q, so the TD advantage (1 - gamma) r_t + gamma V(s') - "
+                       "V(s) would count it where V does not; use --goal-reward arrival (the default) with it, or "
+                       "--awr-advantage q, or another --actor-objective")
     if not cfg.hidden or min(cfg.hidden) <= 0:
         raise CVLError(f"--hidden needs one or more positive widths, got {cfg.hidden}")
-    if cfg.density_ratio == "corrected" and cfg.q_estimator == "normalized":
-        raise CVLError("--density-ratio corrected does nothing with --q-estimator normalized, whose softmax already "
-                       "divides out exp(f)'s scale; drop it or pick --q-estimator diag or marginal")
-    reward_units = cfg.q_estimator == "normalized" or (cfg.density_ratio == "corrected" and cfg.critic_loss == "nce")
-    if cfg.actor_objective == "awr" and cfg.awr_advantage == "td" and not reward_units:
+    if cfg.actor_objective == "awr" and cfg.awr_advantage == "td" and cfg.q_estimator != "normalized":
         raise CVLError(f"--awr-advantage td adds r to Q, so Q must be in the reward's units, which --q-estimator "
-                       f"{cfg.q_estimator} with --density-ratio {cfg.density_ratio} is not; use --q-estimator "
-                       f"normalized (the default), or --density-ratio corrected with --critic-loss nce, or the "
-                       f"paper's actor (--actor-objective q)")
+                       f"{cfg.q_estimator} is not; use --q-estimator normalized (the default) or the paper's actor "
+                       f"(--actor-objective q)")
     if not cfg.dataset and not cfg.evaluate and not is_minari_id(cfg.env):  # an unknown name or a bad mirror
         d4rl_urls(cfg.env, cfg.d4rl_url)  # fails here, before anything else
 
@@ -524,6 +531,9 @@ def split_episodes(raw: dict[str, np.ndarray]) -> np.ndarray:
     return ends[np.searchsorted(ends, np.arange(n))]
 
 
+MAX_OBSERVATION = 1e6  # |observation| above this overflows float32 arithmetic in the networks' first layers
+
+
 def validate_dataset(raw: dict[str, np.ndarray], where: str, obs_dim: int, act_dim: int,
                      act_low: float = -1.0, act_high: float = 1.0, clip_tol: float = 1e-3) -> dict[str, np.ndarray]:
     """Check a dataset against the eval env; each problem is one line naming the file, key and row."""
@@ -554,6 +564,13 @@ def validate_dataset(raw: dict[str, np.ndarray], where: str, obs_dim: int, act_d
             if bad.any():
                 raise CVLError(f"{where}: key {key!r} row {int(np.argmax(bad))} is NaN or inf "
                                f"({int(bad.sum())} such rows); fix or drop those rows")
+    for key in ("observations", "next_observations"):
+        big = np.abs(raw[key]).max(axis=1) > MAX_OBSERVATION if key in raw else np.zeros(0, bool)
+        if big.any():
+            row = int(np.argmax(big))
+            raise CVLError(f"{where}: key {key!r} row {row} holds {np.abs(raw[key][row]).max():.3g}, too large for "
+                           f"the networks' float32 arithmetic; rescale the observations (e.g. standardise each "
+                           f"dimension, or divide by a constant) to below {MAX_OBSERVATION:.0e}")
     actions = raw["actions"]
     excess = np.maximum(actions - act_high, act_low - actions).max(axis=1)
     if excess.max() > clip_tol:
@@ -827,14 +844,6 @@ def critic_loss_nce(critic, state, batch: Batch, key, cfg: Config, nets: Network
     return loss, (contrastive_metrics(loss, logits), psi)
 
 
-def critic_loss_infonce(critic, state, batch: Batch, key, cfg: Config, nets: Networks, shard):
-    """InfoNCE: each row's softmax over the batch's goals should pick its own."""
-    logits, psi = critic_logits(nets, critic, batch.observations, batch.actions, batch.goals, batch.absorbing)
-    logits = shard(logits, "data", None)
-    loss = optax.softmax_cross_entropy(logits, jnp.eye(logits.shape[0], dtype=logits.dtype)).mean()
-    return loss, (contrastive_metrics(loss, logits), psi)
-
-
 def critic_loss_td(critic, state, batch: Batch, key, cfg: Config, nets: Networks, shard):
     """Contrastive TD (the original code's use_td): the future of the *learned* policy, by bootstrapping.
 
@@ -873,7 +882,7 @@ def target_logits(nets: Networks, target: dict, s, a, g, absorbing):
     return pair_logits(target, sa_features(nets, target, s, a), goal_features(nets, target, g, absorbing))
 
 
-CRITIC_LOSSES = {"nce": critic_loss_nce, "infonce": critic_loss_infonce, "td": critic_loss_td}
+CRITIC_LOSSES = {"nce": critic_loss_nce, "td": critic_loss_td}
 
 
 # Contrasting actions at the same state (--action-negatives M). With the batch's other goals as negatives the critic
@@ -916,21 +925,6 @@ def with_action_contrast(loss_fn, critic, state, batch, key, cfg, nets, shard):
     return loss + cfg.action_coef * action_loss + behavior_nll, ({**metrics, **action_metrics}, psi)
 
 
-def conservative_gap(critic, state, batch: Batch, key, psi, cfg: Config, nets: Networks):
-    """CQL's gap for --conservative: (mean Q(s, a~pi) - mean Q(s, a_data)) / std(r(g)) on the batch.
-
-    The contrastive critic is trained on dataset actions only, so its Q elsewhere is extrapolation that the actor's
-    gradient exploits. Adding W times this gap to the critic's loss lowers Q at the current policy's actions and
-    raises it at the data's, through phi only (psi and the actor are held fixed). Dividing by the std of the
-    goals' rewards makes W free of the reward scale, so one W serves every dataset. (Not by the std of Q: Q
-    flattens under the penalty, its std shrinks, the penalty's weight grows, and the critic collapsed to a constant
-    on halfcheetah-medium-local at W = 1.)"""
-    a_pi = jax.lax.stop_gradient(policy_action(nets, state.actor, batch.observations, key, cfg))
-    q_of = partial(q_estimate, nets, critic, batch.observations, psi=jax.lax.stop_gradient(psi),
-                   goal_rewards=batch.goal_rewards, cfg=cfg)
-    return (q_of(a=a_pi).mean() - q_of(a=batch.actions).mean()) / (batch.goal_rewards.std() + 1e-6)
-
-
 # Q estimators. Each maps the logits f[i, j] = f(s_i, a_i, g_j) of B state-actions against the batch's B goals, and
 # the goals' rewards r_j, to an estimate of Q(s_i, a_i). Goal g_i was drawn from p(g | s_i, a_i), not from p(g):
 # the estimators that average over the batch's goals as samples of p(g) leave it out of row i's average.
@@ -966,12 +960,7 @@ def q_estimate(nets: Networks, critic, s, a, psi, goal_rewards, cfg: Config):
     if is_ensemble(critic):
         q = jax.vmap(lambda c, p: q_estimate(nets, c, s, a, p, goal_rewards, cfg))(critic, psi)
         return q.min(axis=0)
-    q = Q_ESTIMATORS[cfg.q_estimator](pair_logits(critic, sa_features(nets, critic, s, a), psi), goal_rewards)
-    # Binary NCE sees B-1 negatives per positive, so its optimal logit is log p(g|s,a)/p(g) - log(B-1): exp(f)
-    # is the density ratio divided by B-1. "corrected" undoes that; "raw" keeps the original code's scale.
-    if cfg.density_ratio == "corrected" and cfg.critic_loss == "nce":
-        q = q * (psi.shape[0] - 1)
-    return q
+    return Q_ESTIMATORS[cfg.q_estimator](pair_logits(critic, sa_features(nets, critic, s, a), psi), goal_rewards)
 
 
 # Actor objectives. Each maps (actor params, frozen critic, the batch's goal features psi) to (loss, metrics).
@@ -1145,21 +1134,12 @@ def critic_loss(critic, state: TrainState, batch: Batch, key, cfg: Config, nets:
     TD: each against the minimum of the target twins), with their metrics averaged and their goal features psi
     stacked."""
     loss_fn = CRITIC_LOSSES[cfg.critic_loss]
-    if cfg.conservative > 0:
-        loss_fn = partial(with_conservative_penalty, loss_fn)
     if cfg.action_negatives > 0:
         loss_fn = partial(with_action_contrast, loss_fn)
     if not is_ensemble(critic):
         return loss_fn(critic, state, batch, key, cfg, nets, shard)
     losses, (metrics, psi) = jax.vmap(lambda c: loss_fn(c, state, batch, key, cfg, nets, shard))(critic)
     return losses.sum(), (jax.tree.map(jnp.mean, metrics), psi)
-
-
-def with_conservative_penalty(loss_fn, critic, state, batch, key, cfg, nets, shard):
-    """loss_fn's loss plus --conservative times conservative_gap (per critic in an ensemble)."""
-    loss, (metrics, psi) = loss_fn(critic, state, batch, key, cfg, nets, shard)
-    gap = conservative_gap(critic, state, batch, jax.random.fold_in(key, 7), psi, cfg, nets)
-    return loss + cfg.conservative * gap, ({**metrics, "conservative_gap": gap}, psi)
 
 
 def learn_from_batch(state: TrainState, batch: Batch, k_actor, cfg: Config, nets: Networks, shard):
@@ -1435,11 +1415,23 @@ def load_checkpoint(path: Path) -> dict:
 
 
 # Fields added after runs were saved, with the behaviour those runs had, so old runs resume unchanged.
-ADDED_FIELDS = {"goal_reward": "goal"}
+ADDED_FIELDS = {"goal_reward": "goal", "actor_objective": "q", "awr_advantage": "q"}
+# Variants removed (docs/experiments.md says why): field -> (the value that is today's behaviour, the last commit
+# that had the others). A run saved with today's behaviour resumes; one that used the variant is refused.
+REMOVED_FIELDS = {"conservative": (0.0, "d9bb3c9"), "density_ratio": ("raw", "d9bb3c9")}
+REMOVED_VALUES = {("critic_loss", "infonce"): "d9bb3c9"}
 
 
 def config_from_dict(d: dict) -> Config:
     known = {f.name for f in dataclasses.fields(Config)}
+    for name, (today, commit) in REMOVED_FIELDS.items():
+        if name in d and d.pop(name) != today:
+            raise CVLError(f"this run used --{name.replace('_', '-')}, which was removed from cvl.py; resume it "
+                           f"with the cvl.py of commit {commit}")
+    for (name, value), commit in REMOVED_VALUES.items():
+        if d.get(name) == value:
+            raise CVLError(f"this run used --{name.replace('_', '-')} {value}, which was removed from cvl.py; resume "
+                           f"it with the cvl.py of commit {commit}")
     unknown = sorted(set(d) - known)
     if unknown:
         raise CVLError(f"saved config has unknown field(s) {unknown}; it was written by another cvl.py version")
