@@ -57,11 +57,10 @@ def _flag(default, help: str, **kw):
 
 
 @dataclass(frozen=True)
-class Config:
-    """Every knob of a run. Defaults are the paper's offline setting (the `paper` preset) except the policy step:
-    AWR on the one-step TD advantage, because the paper's Q-maximising actor collapsed on hopper-medium-local while
-    AWR stayed at behaviour cloning's level on both local datasets (README Results). --actor-objective q is the
-    paper's actor."""
+class RunConfig:
+    """The flags every algorithm's run shares: its data, size, seeds, evaluation, logs and checkpoints. CVL's Config
+    adds its own below; bench/td3_bc.py's TD3+BC config adds TD3+BC's, so both scripts take the same flags for the
+    same things (from parse_args) and run in one training loop (run_training)."""
 
     # --- data
     env: str = _flag("halfcheetah-medium-v2", "D4RL dataset name, e.g. hopper-medium-replay-v2, or a Minari dataset "
@@ -69,12 +68,34 @@ class Config:
     dataset: str = _flag("", "Path to a D4RL-layout .hdf5/.npz file; overrides --env as the data source.")
     eval_env: str = _flag("", "Gymnasium env id for evaluation; inferred from the dataset name when empty.")
     d4rl_url: str = _flag("", "Base URL of D4RL's files (a mirror); default $CVL_D4RL_URL, else D4RL's own host.")
-    # --- algorithm
+    # --- size and optimisation
     steps: int = _flag(1_000_000, "Gradient steps (each updates critic and actor once).")
     batch_size: int = _flag(1024, "Transitions per batch B; the critic contrasts B x B pairs.")
     hidden: tuple[int, ...] = _flag((1024, 1024), "Hidden layer widths of every MLP, e.g. --hidden 256 256.")
-    repr_dim: int = _flag(16, "Size of the representations phi(s, a) and psi(g).")
     lr: float = _flag(3e-4, "Adam learning rate for critic and actor.")
+    # --- seeds, evaluation, logging, checkpoints
+    seed: int = _flag(0, "Seed for init, data sampling and evaluation envs (seeds seed..seed+K-1 with --num-seeds).")
+    num_seeds: int = _flag(1, "Train K independent agents in one compiled program (vmap); report mean +- std.")
+    updates_per_call: int = _flag(1000, "Updates run by one jitted call (lax.scan); also the logging interval.")
+    eval_every: int = _flag(10_000, "Evaluate every N steps (and at the end).")
+    eval_episodes: int = _flag(10, "Episodes per evaluation, run as one vectorised env.")
+    out: str = _flag("runs", "Root folder for run directories <out>/<env>__s<seed>__<time>/.")
+    checkpoint_every: int = _flag(50_000, "Write a checkpoint every N steps (also on SIGINT/SIGTERM and at the end).")
+    resume: str = _flag("", "Continue the run in this run directory or checkpoint file (its config is reused).")
+    progress: bool = _flag(True, "Show a tqdm progress bar.")
+    wandb: bool = _flag(False, "Also log to Weights & Biases (imported only when set).")
+    wandb_project: str = _flag("cvl", "W&B project name.")
+
+
+@dataclass(frozen=True)
+class Config(RunConfig):
+    """Every knob of a run. Defaults are the paper's offline setting (the `paper` preset) except the policy step:
+    AWR on the one-step TD advantage, because the paper's Q-maximising actor collapsed on hopper-medium-local while
+    AWR stayed at behaviour cloning's level on both local datasets (README Results). --actor-objective q is the
+    paper's actor."""
+
+    # --- algorithm
+    repr_dim: int = _flag(16, "Size of the representations phi(s, a) and psi(g).")
     adam_eps: float = _flag(1e-7, "Adam epsilon.")
     gamma: float = _flag(0.99, "Discount: goals are s_{t+k} with P(k) proportional to gamma^(k-1).")
     critic_loss: str = _flag("nce", "nce: binary NCE (sigmoid) on B x B logits (the paper's); td: contrastive TD (the "
@@ -86,15 +107,16 @@ class Config:
                            choices=("none", "unit"))
     critics: int = _flag(1, "Independent critics trained side by side on the same batches; Q is the minimum of their "
                          "estimates, which penalises actions they disagree on (the original code's twin_q: 2).")
-    action_negatives: int = _flag(0, "M: per row, M other actions a' at the same state s_i are scored against the row's "
-                                  "own goal g_i, and a softmax over the data's action and the M others must pick the one "
-                                  "that led to g_i, so the action, not only the state, has to carry the signal (Lu et al. "
-                                  "2023's contrastive energy prediction). 0: off, the paper's critic.")
+    action_negatives: int = _flag(0, "M: per row, M other actions a' at the same state s_i are scored against the "
+                                  "row's own goal g_i, and a softmax over the data's action and the M others must "
+                                  "pick the one that led to g_i, so the action, not only the state, has to carry the "
+                                  "signal (Lu et al. 2023's contrastive energy prediction). 0: off, the paper's "
+                                  "critic.")
     action_coef: float = _flag(1.0, "With --action-negatives: weight of that action loss beside the goal loss.")
-    action_sampler: str = _flag("bc", "With --action-negatives: where a' comes from. bc: a behaviour-cloning policy trained "
-                                "beside the critic, so the optimum stays f = log p(g|s,a)/p(g) up to a function of "
-                                "(s, g) and Q keeps its meaning; uniform: U[-1, 1], which adds log pi_beta(a|s) to f "
-                                "(an ablation: a biased critic).", choices=("bc", "uniform"))
+    action_sampler: str = _flag("bc", "With --action-negatives: where a' comes from. bc: a behaviour-cloning policy "
+                                "trained beside the critic, so the optimum stays f = log p(g|s,a)/p(g) up to a "
+                                "function of (s, g) and Q keeps its meaning; uniform: U[-1, 1], which adds "
+                                "log pi_beta(a|s) to f (an ablation: a biased critic).", choices=("bc", "uniform"))
     layer_norm: bool = _flag(False, "LayerNorm after every hidden layer of phi and psi (as ReBRAC and Zheng et al. "
                              "2023's stable contrastive RL).")
     tau: float = _flag(0.005, "With --critic-loss td: Polyak step of the target critic.")
@@ -127,28 +149,17 @@ class Config:
     actor_min_std: float = _flag(1e-6, "Lower bound of the std of the actor's Gaussian before tanh.")
     actor_max_std: float = _flag(math.exp(2.0), "Upper bound of that std (SAC-style actors clip log std at 2).")
     # --- execution
-    seed: int = _flag(0, "Seed for init, data sampling and evaluation envs (seeds seed..seed+K-1 with --num-seeds).")
-    num_seeds: int = _flag(1, "Train K independent agents in one compiled program (vmap); report mean +- std.")
-    updates_per_call: int = _flag(1000, "Updates run by one jitted call (lax.scan); also the logging interval.")
     devices: int = _flag(0, "Use this many devices for data parallelism (0: all).")
     distributed: bool = _flag(False, "Multi-host: call jax.distributed.initialize() (flags below or cluster env).")
     coordinator_address: str = _flag("", "With --distributed: host:port of process 0 (empty: from the cluster).")
     num_processes: int = _flag(0, "With --distributed: number of processes (0: from the cluster).")
     process_id: int = _flag(-1, "With --distributed: this process's index (-1: from the cluster).")
-    # --- evaluation, logging, checkpoints
-    eval_every: int = _flag(10_000, "Evaluate every N steps (and at the end).")
-    eval_episodes: int = _flag(10, "Episodes per evaluation, run as one vectorised env.")
-    out: str = _flag("runs", "Root folder for run directories <out>/<env>__s<seed>__<time>/.")
-    checkpoint_every: int = _flag(50_000, "Write a checkpoint every N steps (also on SIGINT/SIGTERM and at the end).")
-    resume: str = _flag("", "Continue the run in this run directory or checkpoint file (its config is reused).")
+    # --- other modes
     evaluate: str = _flag("", "Only evaluate the policy in this run directory or checkpoint file; no training.")
     inspect: bool = _flag(False, "Only look at the dataset: print its episodes, how they end, return quartiles, "
                           "ranges and eval env, and write a histogram of episode returns to <out>/<data>_returns.png.")
     video: str = _flag("", "With --evaluate: write one episode to this .mp4 or .gif (offscreen MuJoCo).")
     video_steps: int = _flag(0, "With --video: record at most this many env steps (0: the whole episode).")
-    progress: bool = _flag(True, "Show a tqdm progress bar.")
-    wandb: bool = _flag(False, "Also log to Weights & Biases (imported only when set).")
-    wandb_project: str = _flag("cvl", "W&B project name.")
     preset: str = _flag("paper", "Named settings applied before explicit flags (listed at the end of --help).",
                         choices=("paper", "cpu"))
 
@@ -230,30 +241,41 @@ VARIANT_FLAGS = {
 }
 
 
+def check_ranges(cfg, positive=(), at_least_0=(), below_1=(), up_to_1=()) -> None:
+    """One line for the first flag out of range: > 0, >= 0, in (0, 1), in (0, 1]."""
+    for names, ok, what in ((positive, lambda x: x > 0, "be positive"), (at_least_0, lambda x: x >= 0, "be >= 0"),
+                            (below_1, lambda x: 0 < x < 1, "be in (0, 1)"), (up_to_1, lambda x: 0 < x <= 1,
+                                                                             "be in (0, 1]")):
+        for name in names:
+            if not ok(getattr(cfg, name)):
+                raise CVLError(f"--{name.replace('_', '-')} must {what}, got {getattr(cfg, name)}")
+
+
+def check_run_flags(cfg) -> None:
+    """The checks every algorithm's config shares (the data, network size, run and evaluation flags)."""
+    check_ranges(cfg, positive=("steps", "batch_size", "lr", "num_seeds", "updates_per_call", "eval_every",
+                                "eval_episodes", "checkpoint_every"), at_least_0=("seed",))
+    if not cfg.hidden or min(cfg.hidden) <= 0:
+        raise CVLError(f"--hidden needs one or more positive widths, got {cfg.hidden}")
+    if not cfg.dataset and not getattr(cfg, "evaluate", "") and not is_minari_id(cfg.env):  # a bad name or mirror
+        d4rl_urls(cfg.env, cfg.d4rl_url)  # fails here, before anything else
+
+
 def check_config(cfg: Config) -> None:
     """Range-check every flag, on every path (train, --resume, --evaluate, --inspect); one line per problem."""
     def flag(name):
         return "--" + name.replace("_", "-")
 
-    positive = ("steps", "batch_size", "repr_dim", "critics", "num_seeds", "updates_per_call", "eval_every",
-                "eval_episodes", "checkpoint_every", "lr", "adam_eps", "actor_min_std", "awr_max_weight",
-                "td_max_weight", "ddpg_alpha")
-    for name in positive:
-        if not getattr(cfg, name) > 0:
-            raise CVLError(f"{flag(name)} must be positive, got {getattr(cfg, name)}")
-    for name in ("seed", "devices", "alpha", "awr_beta", "video_steps", "num_processes", "action_negatives",
-                 "action_coef"):
-        if not getattr(cfg, name) >= 0:
-            raise CVLError(f"{flag(name)} must be >= 0, got {getattr(cfg, name)}")
+    check_run_flags(cfg)
+    check_ranges(cfg, positive=("repr_dim", "critics", "adam_eps", "actor_min_std", "awr_max_weight", "td_max_weight",
+                                "ddpg_alpha"),
+                 at_least_0=("devices", "alpha", "awr_beta", "video_steps", "num_processes", "action_negatives",
+                             "action_coef"), below_1=("gamma",), up_to_1=("tau",))
     if cfg.process_id < -1:
         raise CVLError(f"--process-id must be >= 0 (or -1: from the cluster), got {cfg.process_id}")
     if not cfg.actor_max_std > cfg.actor_min_std:
         raise CVLError(f"--actor-max-std must be above --actor-min-std, got {cfg.actor_max_std} <= "
                        f"{cfg.actor_min_std}")
-    if not 0.0 < cfg.tau <= 1.0:
-        raise CVLError(f"--tau must be in (0, 1], got {cfg.tau}")
-    if not 0.0 < cfg.gamma < 1.0:
-        raise CVLError(f"--gamma must be in (0, 1), got {cfg.gamma}")
     if not 0.0 <= cfg.bc_coef <= 1.0:
         raise CVLError(f"--bc-coef must be in [0, 1], got {cfg.bc_coef}")
     if not cfg.resume:  # a resumed run keeps the settings it ran under
@@ -271,14 +293,10 @@ def check_config(cfg: Config) -> None:
         raise CVLError("--goal-reward goal leaves r_t out of Q, so the TD advantage (1 - gamma) r_t + gamma V(s') - "
                        "V(s) would count it where V does not; use --goal-reward arrival (the default) with it, or "
                        "--awr-advantage q, or another --actor-objective")
-    if not cfg.hidden or min(cfg.hidden) <= 0:
-        raise CVLError(f"--hidden needs one or more positive widths, got {cfg.hidden}")
     if cfg.actor_objective == "awr" and cfg.awr_advantage == "td" and cfg.q_estimator != "normalized":
         raise CVLError(f"--awr-advantage td adds r to Q, so Q must be in the reward's units, which --q-estimator "
                        f"{cfg.q_estimator} is not; use --q-estimator normalized (the default) or the paper's actor "
                        f"(--actor-objective q)")
-    if not cfg.dataset and not cfg.evaluate and not is_minari_id(cfg.env):  # an unknown name or a bad mirror
-        d4rl_urls(cfg.env, cfg.d4rl_url)  # fails here, before anything else
 
 
 # ========================================================================================================== data
@@ -1117,8 +1135,12 @@ def init_state(key: jax.Array, cfg: Config, nets: Networks, obs_dim: int, act_di
 
 def init_states(cfg: Config, nets: Networks, seeds: Sequence[int], obs_dim: int, act_dim: int) -> TrainState:
     """One independent train state per seed, stacked on a leading seed axis."""
-    keys = jnp.stack([jax.random.key(s) for s in seeds])
-    return jax.vmap(lambda k: init_state(k, cfg, nets, obs_dim, act_dim))(keys)
+    return init_seeds(lambda key: init_state(key, cfg, nets, obs_dim, act_dim), seeds)
+
+
+def init_seeds(init_one, seeds: Sequence[int]):
+    """init_one(key) for each seed's key, stacked on a leading seed axis."""
+    return jax.vmap(init_one)(jnp.stack([jax.random.key(s) for s in seeds]))
 
 
 def update_step(state: TrainState, data: Data, cfg: Config, nets: Networks, shard) -> tuple[TrainState, dict]:
@@ -1195,19 +1217,25 @@ def make_train_fn(cfg: Config, nets: Networks, mesh: jax.sharding.Mesh):
     def shard(x, *spec):  # on one device a constraint means nothing, but it can slow XLA's CPU code down
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec))) if mesh.size > 1 else x
 
-    update = partial(update_step, cfg=cfg, nets=nets, shard=shard)
-    if cfg.num_seeds > 1:
-        update = jax.vmap(update, in_axes=(0, None))
-    else:  # one seed: drop the seed axis inside the step, since XLA's CPU matmuls are slower with a batch dim of 1
-        update = partial(without_seed_axis, update)
+    return jit_chunks(partial(update_step, cfg=cfg, nets=nets, shard=shard), cfg.num_seeds)
+
+
+def jit_chunks(update, num_seeds: int):
+    """train_chunk(state, data, n) = jit(scan(vmap(update))): n updates of K seeds in one call, returning the state,
+    the metrics {name: [n, K]} and whether each seed's critic and actor are finite [K]. One seed runs without the
+    seed axis inside the step, since XLA's CPU matmuls are slower with a batch dim of 1."""
+    update = jax.vmap(update, in_axes=(0, None)) if num_seeds > 1 else partial(without_seed_axis, update)
 
     def train_chunk(state, data, n):
         state, metrics = jax.lax.scan(lambda s, _: update(s, data), state, None, length=n)
-        finite = jnp.stack([jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
-                            for x in jax.tree.leaves((state.critic, state.actor))]).all(axis=0)
-        return state, metrics, finite  # metrics: {name: [n, K]}, finite: [K]
+        return state, metrics, all_finite((state.critic, state.actor))
 
     return jax.jit(train_chunk, static_argnums=2)
+
+
+def all_finite(tree) -> jax.Array:
+    """[K]: whether every parameter of each seed (leading axis) is finite."""
+    return jnp.stack([jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim))) for x in jax.tree.leaves(tree)]).all(0)
 
 
 def without_seed_axis(update, state, data):
@@ -1371,17 +1399,23 @@ def to_host_state(state: TrainState) -> TrainState:
     return to_host(state.replace(key=jax.random.key_data(state.key)))
 
 
-def save_checkpoint(run_dir: Path, state: TrainState, cfg: Config, rows: list[dict]) -> Path:
+def save_checkpoint(run_dir: Path, state, cfg, rows: list[dict], algorithm: str = "CVL") -> Path:
     """Atomic (write_file): a crash or a full disk mid-write leaves the previous checkpoint intact."""
     path = run_dir / "checkpoint.msgpack"
     host = to_host_state(state)
     payload = {"state": flax.serialization.to_state_dict(host), "step": int(np.max(host.step)),
-               "config": json.dumps(dataclasses.asdict(cfg)), "rows": json.dumps(rows)}
+               "config": json.dumps(dataclasses.asdict(cfg)), "rows": json.dumps(rows), "algorithm": algorithm}
     return write_file(path, lambda tmp: tmp.write_bytes(flax.serialization.msgpack_serialize(payload)),
                       "the checkpoint")
 
 
-def load_checkpoint(path: Path) -> dict:
+SCRIPTS = {"CVL": "cvl.py", "TD3+BC": "bench/td3_bc.py"}  # the script that trains each algorithm's runs
+
+
+def load_checkpoint(path: Path, config_cls=None, algorithm: str = "CVL") -> dict:
+    """A run's checkpoint: its state dict, step, config (a config_cls, default Config) and metrics rows. A run of
+    another algorithm is refused, naming the script that wrote it."""
+    config_cls = config_cls or Config
     path = Path(path)
     if path.is_dir():
         if not (path / "checkpoint.msgpack").exists() and (path / "config.json").exists():
@@ -1399,7 +1433,12 @@ def load_checkpoint(path: Path) -> dict:
                        f"its checkpoint.msgpack)")
     try:
         payload = flax.serialization.msgpack_restore(blob)
-        payload["config"] = config_from_dict(json.loads(payload["config"]))
+        # runs saved before checkpoints named their algorithm: TD3+BC's have a normaliser file beside them
+        written_by = payload.get("algorithm") or ("TD3+BC" if (path.parent / "normalizer.npz").exists() else "CVL")
+        if written_by != algorithm:
+            raise CVLError(f"{path.parent} is a {written_by} run, not a {algorithm} one; resume or evaluate it with "
+                           f"python {SCRIPTS.get(written_by, 'the script that wrote it')}")
+        payload["config"] = config_from_dict(json.loads(payload["config"]), config_cls)
         payload["rows"] = json.loads(payload["rows"])
     except CVLError:
         raise
@@ -1407,7 +1446,7 @@ def load_checkpoint(path: Path) -> dict:
         what = "it is damaged" if path.name == "checkpoint.msgpack" else "it is not a checkpoint written by cvl.py"
         raise CVLError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); {what}") from None
     missing = [f.name for f in dataclasses.fields(TrainState) if f.name not in payload["state"]]
-    if missing or "absorbing" not in payload["state"]["critic"]:
+    if algorithm == "CVL" and (missing or "absorbing" not in payload["state"]["critic"]):
         raise CVLError(f"checkpoint {path} was written by an older cvl.py (its train state has no "
                        f"{', '.join(missing) or 'absorbing-state goal'}); evaluate it with the cvl.py that wrote it, "
                        f"or start a new run")
@@ -1422,21 +1461,25 @@ REMOVED_FIELDS = {"conservative": (0.0, "d9bb3c9"), "density_ratio": ("raw", "d9
 REMOVED_VALUES = {("critic_loss", "infonce"): "d9bb3c9"}
 
 
-def config_from_dict(d: dict) -> Config:
-    known = {f.name for f in dataclasses.fields(Config)}
-    for name, (today, commit) in REMOVED_FIELDS.items():
+def config_from_dict(d: dict, config_cls=None):
+    """A saved config (default: CVL's Config), with the fields added since it was saved filled in as those runs
+    behaved, and a removed variant it used refused."""
+    config_cls = config_cls or Config
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    for name, (today, commit) in REMOVED_FIELDS.items() if config_cls is Config else ():
         if name in d and d.pop(name) != today:
             raise CVLError(f"this run used --{name.replace('_', '-')}, which was removed from cvl.py; resume it "
                            f"with the cvl.py of commit {commit}")
-    for (name, value), commit in REMOVED_VALUES.items():
+    for (name, value), commit in REMOVED_VALUES.items() if config_cls is Config else ():
         if d.get(name) == value:
             raise CVLError(f"this run used --{name.replace('_', '-')} {value}, which was removed from cvl.py; resume "
                            f"it with the cvl.py of commit {commit}")
     unknown = sorted(set(d) - known)
     if unknown:
-        raise CVLError(f"saved config has unknown field(s) {unknown}; it was written by another cvl.py version")
-    d = {**{k: v for k, v in ADDED_FIELDS.items() if k in known}, **d}
-    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        raise CVLError(f"saved config has unknown field(s) {unknown}; it was written by another version")
+    if config_cls is Config:
+        d = {**{k: v for k, v in ADDED_FIELDS.items() if k in known}, **d}
+    return config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def restore_state(template: TrainState, state_dict: dict) -> TrainState:
@@ -1468,8 +1511,8 @@ def run_directory(path) -> Path:
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path):
-    """Hold an exclusive lock on run_dir while a run trains, so a second cvl.py on the same run (two --resume at
+def run_lock(run_dir: Path, script: str = "cvl.py"):
+    """Hold an exclusive lock on run_dir while a run trains, so a second process on the same run (two --resume at
     once) stops at once with one line naming the holder, instead of both writing metrics.csv and checkpoints."""
     try:
         import fcntl
@@ -1490,7 +1533,7 @@ def run_lock(run_dir: Path):
                            f"--resume it") from None
         f.seek(0)
         f.truncate()
-        f.write(f"cvl.py (pid {os.getpid()} on {socket.gethostname()})")
+        f.write(f"{script} (pid {os.getpid()} on {socket.gethostname()})")
         f.flush()
         yield  # closing the file releases the lock
 
@@ -1611,18 +1654,40 @@ def plot_returns(returns, path: Path, title: str, ref_min, ref_max) -> None:
     save_figure(fig, path, "the return histogram")
 
 
+class Algorithm(NamedTuple):
+    """What the training loop needs of an algorithm. CVL is one (train, below); bench/td3_bc.py's TD3+BC another."""
+    name: str  # "CVL": plot titles, checkpoints (a run resumes only with its own algorithm)
+    script: str  # "cvl.py": how the messages say to continue a run
+    init: Any  # seeds -> train state stacked over seeds, with .step and .actor
+    train_chunk: Any  # jitted (state, data, n) -> (state, metrics {name: [n, K]}, finite [K])
+    policy: Any  # (actor params, observations) -> deterministic actions, for one seed
+    data: Any  # on the device: what train_chunk samples from
+
+
 def train(cfg: Config) -> dict:
     """Train (or resume) a run and return its final metrics. Usable from a notebook: train(make_config("cpu"))."""
     check_config(cfg)
-    if cfg.dataset:  # absolute, so the run resumes from any folder
-        cfg = dataclasses.replace(cfg, dataset=str(Path(cfg.dataset).expanduser().resolve()))
+    cfg = with_absolute_dataset(cfg)
     init_distributed(cfg)
-    lead = jax.process_index() == 0
-    data, (env_id, ref_min, ref_max), obs_dim, act_dim = load_env_data(cfg)
+    data, env, obs_dim, act_dim = load_env_data(cfg)
     mesh = make_mesh(cfg)
     nets = make_networks(cfg, act_dim)
+    algo = Algorithm("CVL", "cvl.py", lambda seeds: init_states(cfg, nets, seeds, obs_dim, act_dim),
+                     make_train_fn(cfg, nets, mesh), partial(eval_action, nets), replicate(data, mesh))
+    return run_training(algo, cfg, env, mesh, f"{len(data.anchors):,} transitions with a future")
+
+
+def with_absolute_dataset(cfg):
+    """--dataset as an absolute path, so the run resumes from any folder."""
+    return dataclasses.replace(cfg, dataset=str(Path(cfg.dataset).expanduser().resolve())) if cfg.dataset else cfg
+
+
+def run_training(algo: Algorithm, cfg, env, mesh, about: str, on_new_run=None) -> dict:
+    """A new run directory (or cfg.resume's), its lock, config.json and a step-0 checkpoint, then the loop.
+    on_new_run(run_dir) writes an algorithm's own files into a new run."""
+    lead = jax.process_index() == 0
     seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
-    state = init_states(cfg, nets, seeds, obs_dim, act_dim)
+    state = algo.init(seeds)
     fresh = not cfg.resume
     if cfg.resume:
         run_dir = run_directory(cfg.resume)
@@ -1630,10 +1695,10 @@ def train(cfg: Config) -> dict:
         run_dir = new_run_dir(cfg) if lead else Path(cfg.out)
     with contextlib.ExitStack() as cleanup:
         if lead:
-            cleanup.enter_context(run_lock(run_dir))
+            cleanup.enter_context(run_lock(run_dir, algo.script))
         rows, elapsed = [], 0.0
         if cfg.resume:
-            ckpt = load_checkpoint(run_dir)
+            ckpt = load_checkpoint(run_dir, type(cfg), algo.name)
             if cfg.steps < ckpt["step"]:
                 raise CVLError(f"--steps {cfg.steps} is below the {ckpt['step']} steps run {run_dir} has done; "
                                f"pass --steps {ckpt['step']} or more to extend it")
@@ -1648,20 +1713,27 @@ def train(cfg: Config) -> dict:
                     json.dumps(dataclasses.asdict(cfg), indent=2)), "the run's config")
                 log = MetricsLog(run_dir / "metrics.csv", rows)
                 if fresh:  # so that a run stopped at any point can be resumed
-                    save_checkpoint(run_dir, state, cfg, log.rows)
+                    if on_new_run is not None:
+                        on_new_run(run_dir)
+                    save_checkpoint(run_dir, state, cfg, log.rows, algo.name)
             except WriteError:
                 if fresh:  # nothing to keep: leave no half-made run behind
                     cleanup.callback(shutil.rmtree, run_dir, ignore_errors=True)
                 raise
-            print(f"cvl: {run_label(cfg)}: {len(data.anchors):,} transitions with a future, eval on {env_id}, "
-                  f"{cfg.num_seeds} seed(s) on {mesh.devices.size} device(s) -> {run_dir}", flush=True)
-        run = dict(cfg=cfg, lead=lead, run_dir=run_dir, log=log, nets=nets, seeds=seeds, env=(env_id, ref_min, ref_max))
-        return train_loop(state, replicate(data, mesh), make_train_fn(cfg, nets, mesh), elapsed, **run)
+            print(f"{script_name(algo)}: {run_label(cfg)}: {about}, eval on {env[0]}, {cfg.num_seeds} seed(s) on "
+                  f"{mesh.devices.size} device(s) -> {run_dir}", flush=True)
+        return train_loop(algo, state, elapsed, cfg=cfg, lead=lead, run_dir=run_dir, log=log, seeds=seeds, env=env)
 
 
-def train_loop(state, data, train_chunk, elapsed, *, cfg, lead, run_dir, log, nets, seeds, env) -> dict:
+def script_name(algo: Algorithm) -> str:
+    """The prefix of an algorithm's messages: "cvl", "td3_bc"."""
+    return Path(algo.script).stem
+
+
+def train_loop(algo: Algorithm, state, elapsed, *, cfg, lead, run_dir, log, seeds, env) -> dict:
     """for each chunk: state = scan(update) on device; log, evaluate and checkpoint between chunks."""
     env_id, ref_min, ref_max = env
+    me = script_name(algo)
     step = saved_step = int(np.max(to_host(state.step)))
     wandb_run = None
     if cfg.wandb and lead:
@@ -1671,12 +1743,12 @@ def train_loop(state, data, train_chunk, elapsed, *, cfg, lead, run_dir, log, ne
 
     def write_failed(e: WriteError) -> WriteError:  # what a full disk mid-run costs, and how to go on
         return WriteError(f"{e}; the last good checkpoint (step {saved_step}) in {run_dir} is kept: free space, "
-                          f"then continue with: python cvl.py --resume {run_dir}")
+                          f"then continue with: python {algo.script} --resume {run_dir}")
 
     def checkpoint(state, step):
         nonlocal saved_step
         try:
-            save_checkpoint(run_dir, state, cfg, log.rows)
+            save_checkpoint(run_dir, state, cfg, log.rows, algo.name)
         except WriteError as e:
             raise write_failed(e) from None
         saved_step = step
@@ -1686,14 +1758,14 @@ def train_loop(state, data, train_chunk, elapsed, *, cfg, lead, run_dir, log, ne
     bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and lead), desc=run_label(cfg),
                dynamic_ncols=True)
     last_score = None
-    policy = seeds_policy(partial(eval_action, nets))  # compiled at the first evaluation, reused by the others
+    policy = seeds_policy(algo.policy)  # compiled at the first evaluation, reused by the others
     start = time.perf_counter() - elapsed
     try:
         while step < cfg.steps:
             n = min(cfg.updates_per_call, cfg.steps - step, cfg.eval_every - step % cfg.eval_every,
                     cfg.checkpoint_every - step % cfg.checkpoint_every)
             t0 = time.perf_counter()
-            new_state, metrics, finite = train_chunk(state, data, n)
+            new_state, metrics, finite = algo.train_chunk(state, algo.data, n)
             if not ready_unless_stopped((metrics, finite), stop):  # one XLA execution: new_state is ready with them
                 raise KeyboardInterrupt  # `state`, from before this call, is complete: save it and exit now
             metrics, finite = to_host(metrics), to_host(finite)
@@ -1724,9 +1796,9 @@ def train_loop(state, data, train_chunk, elapsed, *, cfg, lead, run_dir, log, ne
                 if wandb_run is not None:
                     wandb_run.log(row, step=step)
             bar.update(n)
-            bar.set_postfix(critic=f"{row['critic_loss']:.3f}", actor=f"{row['actor_loss']:.3g}",
-                            acc=f"{row['categorical_accuracy']:.2f}", ups=f"{n / dt:.0f}",
-                            score="-" if last_score is None else f"{last_score:.1f}")
+            shown = dict(critic="critic_loss", actor="actor_loss", acc="categorical_accuracy")
+            bar.set_postfix(**{k: f"{row[name]:.3g}" for k, name in shown.items() if name in row},
+                            ups=f"{n / dt:.0f}", score="-" if last_score is None else f"{last_score:.1f}")
             if lead and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                 checkpoint(state, step)
             if stop:
@@ -1736,8 +1808,8 @@ def train_loop(state, data, train_chunk, elapsed, *, cfg, lead, run_dir, log, ne
         if lead:
             if saved_step != step:
                 checkpoint(state, step)
-            print(f"cvl: interrupted at step {step}; checkpoint saved. Continue with: "
-                  f"python cvl.py --resume {run_dir}", file=sys.stderr, flush=True)
+            print(f"{me}: interrupted at step {step}; checkpoint saved. Continue with: "
+                  f"python {algo.script} --resume {run_dir}", file=sys.stderr, flush=True)
         raise Stopped(128 + stop.get("signal", signal.SIGINT)) from None
     finally:
         bar.close()
@@ -1748,12 +1820,12 @@ def train_loop(state, data, train_chunk, elapsed, *, cfg, lead, run_dir, log, ne
     final = dict(log.rows[-1]) if lead else {}
     if lead:
         try:
-            plot_learning_curve(log.rows, run_dir / "learning_curve.png", f"CVL on {run_label(cfg)}")
+            plot_learning_curve(log.rows, run_dir / "learning_curve.png", f"{algo.name} on {run_label(cfg)}")
         except WriteError as e:  # the run itself is complete and saved
-            print(f"cvl: warning: {e}; the run is complete, its metrics.csv and checkpoint are saved",
+            print(f"{me}: warning: {e}; the run is complete, its metrics.csv and checkpoint are saved",
                   file=sys.stderr, flush=True)
         spread = f" +- {final['score_std']:.1f} over {len(seeds)} seeds" if "score_std" in final else ""
-        print(f"cvl: done at step {step}: normalised score {final.get('score', float('nan')):.1f}{spread}, "
+        print(f"{me}: done at step {step}: normalised score {final.get('score', float('nan')):.1f}{spread}, "
               f"return {final.get('return_mean', float('nan')):.1f}; results in {run_dir}", flush=True)
     final["run_dir"] = str(run_dir)
     return final
@@ -1868,14 +1940,24 @@ def write_video(frames, path: Path, fps: int = 30) -> None:
 
 
 # ===================================================================================================== the CLI
-def parse_args(argv: Sequence[str] | None = None):
-    """Flags from the Config fields. Returns the explicitly given fields only, so presets can fill the rest."""
+def parse_args(argv: Sequence[str] | None = None, config_cls=None, prog: str = "cvl.py", description: str = "",
+               epilog: str = ""):
+    """Flags from the fields of a config dataclass (default: Config, with the presets in the epilog). Returns the
+    explicitly given fields only, so presets and saved runs can fill the rest. A bad flag is a CVLError."""
     import argparse
 
-    presets = "; ".join(f"{name}: {values or 'the defaults shown above'}" for name, values in PRESETS.items())
-    parser = argparse.ArgumentParser(prog="cvl.py", description=__doc__.split("\n\n")[0],
-                                     epilog=f"presets (explicit flags win): {presets}")
-    for f in dataclasses.fields(Config):
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, as every other bad input, not argparse's usage block
+            raise CVLError(f"{message} (see: python {prog} --help)")
+
+    if config_cls is None:
+        config_cls, description = Config, __doc__.split("\n\n")[0]
+        presets = "; ".join(f"{name}: {values or 'the defaults shown above'}" for name, values in PRESETS.items())
+        epilog = f"presets (explicit flags win): {presets}"
+    parser = Parser(prog=prog, description=description, epilog=epilog,
+                    formatter_class=argparse.RawDescriptionHelpFormatter if config_cls is not Config else
+                    argparse.HelpFormatter)
+    for f in dataclasses.fields(config_cls):
         name = "--" + f.name.replace("_", "-")
         kw = dict(help=f.metadata["help"], default=argparse.SUPPRESS)
         if f.type == "bool":
@@ -1892,11 +1974,11 @@ def parse_args(argv: Sequence[str] | None = None):
     return args
 
 
-def resume_config(run_dir: str, **given) -> Config:
+def resume_config(run_dir: str, config_cls=None, algorithm: str = "CVL", **given):
     """The saved config of run_dir (or of the run its checkpoint file is in); a given value that contradicts it is an
     error naming the flag."""
     run_dir = run_directory(run_dir)
-    saved = load_checkpoint(run_dir)["config"]
+    saved = load_checkpoint(run_dir, config_cls, algorithm)["config"]
     may_change = {"resume", "progress", "wandb", "wandb_project", "steps"}
     for name, value in given.items():
         same = getattr(saved, name) == value
@@ -1931,11 +2013,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return train(make_config(given.pop("preset", "paper"), **given))
 
 
-if __name__ == "__main__":
+def command_line(main, prefix: str = "cvl") -> None:
+    """Run a script's main(): bad input is one line "<prefix>: error: ..." and exit 2, a divergence exit 3, a saved
+    stop 128 + the signal."""
     try:
         main()
     except CVLError as e:
-        print(f"cvl: error: {e}", file=sys.stderr)
+        print(f"{prefix}: error: {e}", file=sys.stderr)
         sys.exit(3 if isinstance(e, Diverged) else 2)
     except Stopped as e:
         exit_now(e.code)
+
+
+if __name__ == "__main__":
+    command_line(main)

@@ -173,11 +173,11 @@ def td3_bc_updates_per_sec(raw, n: int, min_seconds: float) -> float:
                                                                raw["observations"].shape[1], act_dim))
     train = td3_bc.make_train_fn(cfg, nets)
     for _ in range(2):  # compile and warm up (twice: see fused_updates_per_sec)
-        state, metrics = train(state, tr, n)
+        state, metrics, _ = train(state, tr, n)
     jax.block_until_ready(metrics)
     calls, start = 0, time.perf_counter()
     while calls == 0 or time.perf_counter() - start < min_seconds:
-        state, metrics = train(state, tr, n)
+        state, metrics, _ = train(state, tr, n)
         jax.block_until_ready(metrics)
         calls += 1
     return calls * n / (time.perf_counter() - start)

@@ -202,13 +202,11 @@ def diagnose_td3bc(args) -> list[dict]:
     import td3_bc
 
     run = Path(args.run)
-    saved = json.loads((run / "config.json").read_text())
-    cfg = td3_bc.TD3BCConfig(**{**saved, "hidden": tuple(saved["hidden"])})
-    data, (env_id, _, _), obs_dim, act_dim = cvl.load_env_data(cfg.data_config())
+    cfg = cvl.config_from_dict(json.loads((run / "config.json").read_text()), td3_bc.TD3BCConfig)
+    data, (env_id, _, _), obs_dim, act_dim = cvl.load_env_data(cfg)
     nets = td3_bc.Nets(actor=cvl.MLP(cfg.hidden, act_dim), critic=cvl.MLP(cfg.hidden, 1))
     seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
-    template = jax.vmap(lambda k: td3_bc.init_state(k, cfg, nets, obs_dim, act_dim))(
-        jnp.stack([jax.random.key(seed) for seed in seeds]))
+    template = cvl.init_seeds(lambda key: td3_bc.init_state(key, cfg, nets, obs_dim, act_dim), seeds)
     payload = flax.serialization.msgpack_restore((run / "checkpoint.msgpack").read_bytes())
     state = cvl.restore_state(template, payload["state"])
     norm = np.load(run / "normalizer.npz")

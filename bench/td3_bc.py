@@ -3,66 +3,48 @@
     python bench/td3_bc.py --dataset ../shared/d4rl/hopper_medium-local.hdf5 --eval-env Hopper-v4 --num-seeds 3
     python bench/td3_bc.py --resume RUN_DIR --steps 600000      # continue or extend a run
 
-Its published settings: alpha 2.5, state normalisation, policy noise 0.2 clipped at 0.5, actor and target update
-every 2 steps, tau 0.005, hidden (256, 256), batch 256, Adam 3e-4, discount 0.99. Data loading, validation,
-evaluation, seeding, metrics and checkpoints are cvl.py's own functions, and training has cvl.py's shape:
-jit(scan(vmap(update))) over seeds, an evaluation every --eval-every steps, so the two are compared like for like.
+Its published settings (TD3BCConfig). Only its networks, losses and update are here: flags, data, evaluation, seeds,
+metrics, checkpoints and the training loop are cvl.py's own, so the two are compared like for like.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import signal
 import sys
-import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import flax.serialization
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cvl  # noqa: E402
 
 
 @dataclass(frozen=True)
-class TD3BCConfig:
-    dataset: str = ""  # a D4RL-layout file; or env, a D4RL name, downloaded as cvl.py does
-    env: str = "halfcheetah-medium-v2"
-    eval_env: str = ""
-    d4rl_url: str = ""
-    steps: int = 300_000
-    batch_size: int = 256
-    hidden: tuple[int, ...] = (256, 256)
-    lr: float = 3e-4
-    discount: float = 0.99
-    tau: float = 0.005
-    policy_noise: float = 0.2
-    noise_clip: float = 0.5
-    policy_freq: int = 2
-    alpha: float = 2.5
-    normalize: bool = True
-    seed: int = 0
-    num_seeds: int = 1
-    updates_per_call: int = 500
-    eval_every: int = 10_000
-    eval_episodes: int = 10
-    checkpoint_every: int = 50_000
-    out: str = "runs"
-    progress: bool = True
+class TD3BCConfig(cvl.RunConfig):
+    """TD3+BC's published settings beside the run flags it shares with cvl.py (cvl.RunConfig)."""
+    steps: int = cvl._flag(300_000, "Gradient steps (critic steps; the actor steps every --policy-freq).")
+    batch_size: int = cvl._flag(256, "Transitions per batch.")
+    hidden: tuple[int, ...] = cvl._flag((256, 256), "Hidden layer widths of actor and critics.")
+    updates_per_call: int = cvl._flag(500, "Updates run by one jitted call (lax.scan); also the logging interval.")
+    discount: float = cvl._flag(0.99, "Discount.")
+    tau: float = cvl._flag(0.005, "Polyak step of the target networks.")
+    policy_noise: float = cvl._flag(0.2, "Std of the target policy's smoothing noise.")
+    noise_clip: float = cvl._flag(0.5, "Clip of that noise.")
+    policy_freq: int = cvl._flag(2, "Actor and target updates every N critic steps.")
+    alpha: float = cvl._flag(2.5, "lambda = alpha / mean|Q|: the Q term's weight against the BC term.")
+    normalize: bool = cvl._flag(True, "Normalise states by the dataset's mean and std.")
 
-    def data_config(self) -> cvl.Config:
-        """The cvl.py config whose data fields name the same dataset and eval env."""
-        return cvl.make_config("cpu", env=self.env, dataset=self.dataset, eval_env=self.eval_env,
-                               d4rl_url=self.d4rl_url, seed=self.seed, num_seeds=self.num_seeds, out=self.out)
+
+def check(cfg: TD3BCConfig) -> None:
+    """Every flag in range before anything is written; one line each."""
+    cvl.check_run_flags(cfg)
+    cvl.check_ranges(cfg, positive=("alpha", "policy_freq"), at_least_0=("policy_noise", "noise_clip"),
+                     below_1=("discount",), up_to_1=("tau",))
 
 
 # ================================================================================================== data
@@ -179,137 +161,38 @@ def update_step(state: TD3State, data: Transitions, cfg: TD3BCConfig, nets: Nets
 
 
 def make_train_fn(cfg: TD3BCConfig, nets: Nets):
-    """jit(scan(vmap(update))): n updates of K seeds in one call, as cvl.make_train_fn (and like it, one seed runs
-    without the seed axis inside the step, which XLA's CPU matmuls are slower with)."""
-    update = partial(update_step, cfg=cfg, nets=nets)
-    update = jax.vmap(update, in_axes=(0, None)) if cfg.num_seeds > 1 else partial(cvl.without_seed_axis, update)
-
-    def train_chunk(state, data, n):
-        return jax.lax.scan(lambda s, _: update(s, data), state, None, length=n)
-
-    return jax.jit(train_chunk, static_argnums=2)
+    """jit(scan(vmap(update))) over seeds, as cvl.make_train_fn."""
+    return cvl.jit_chunks(partial(update_step, cfg=cfg, nets=nets), cfg.num_seeds)
 
 
 # ================================================================================================== main
-def save(run_dir: Path, state: TD3State, cfg: TD3BCConfig, rows: list[dict], stats) -> None:
-    cvl.save_checkpoint(run_dir, state, cfg, rows)  # atomic; its "config" is this config
-    cvl.write_file(run_dir / "normalizer.npz", lambda tmp: np.savez(tmp, mean=stats[0], std=stats[1]),
-                   "the state normaliser")
-
-
-def train(cfg: TD3BCConfig, resume: str = "") -> dict:
-    if cfg.dataset:  # absolute, so the run resumes from any folder
-        cfg = dataclasses.replace(cfg, dataset=str(Path(cfg.dataset).expanduser().resolve()))
-    dcfg = cfg.data_config()
-    cvl.check_config(dcfg)
-    data, (env_id, ref_min, ref_max), obs_dim, act_dim = cvl.load_env_data(dcfg)
-    mean, std = normalizer(np.asarray(data.observations)) if cfg.normalize else (0.0, 1.0)
-    transitions = jax.device_put(make_transitions(data, mean, std))
+def train(cfg: TD3BCConfig) -> dict:
+    """Train (or resume) a TD3+BC run with cvl.py's training loop; its final metrics."""
+    check(cfg)
+    cfg = cvl.with_absolute_dataset(cfg)
+    data, env, obs_dim, act_dim = cvl.load_env_data(cfg)
+    mean, std = normalizer(np.asarray(data.observations)) if cfg.normalize else (np.zeros(obs_dim), np.ones(obs_dim))
     nets = Nets(actor=cvl.MLP(cfg.hidden, act_dim), critic=cvl.MLP(cfg.hidden, 1))
-    seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
-    state = jax.vmap(lambda k: init_state(k, cfg, nets, obs_dim, act_dim))(
-        jnp.stack([jax.random.key(s) for s in seeds]))
-    rows = []
-    if resume:
-        run_dir = Path(resume)
-        payload = flax.serialization.msgpack_restore((run_dir / "checkpoint.msgpack").read_bytes())
-        state, rows = cvl.restore_state(state, payload["state"]), json.loads(payload["rows"])
-    else:
-        run_dir = cvl.new_run_dir(dcfg)
-    cvl.write_file(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2)),
-                   "the run's config")
-    log = cvl.MetricsLog(run_dir / "metrics.csv", rows)
-    print(f"td3_bc: {cvl.run_label(dcfg)}: {len(transitions.rows):,} transitions, eval on {env_id}, "
-          f"{len(seeds)} seed(s) -> {run_dir}", flush=True)
 
-    @cvl.seeds_policy
+    init = partial(cvl.init_seeds, lambda key: init_state(key, cfg, nets, obs_dim, act_dim))
     def eval_policy(actor, s):  # the policy sees states normalised as in training
         return policy(nets, actor, (s - mean) / std)
 
-    train_chunk = make_train_fn(cfg, nets)
-    step = int(np.max(np.asarray(state.step)))
-    saved_step = step if resume else None
-    start = time.perf_counter() - (rows[-1]["wall_time"] if rows else 0.0)
-    bar = tqdm(total=cfg.steps, initial=step, disable=not cfg.progress, desc="td3_bc", dynamic_ncols=True)
-    stop = {}  # SIGINT/SIGTERM: save the last finished step and exit, as cvl.py does
-    handlers = cvl.catch_stop_signals(stop)
-    try:
-        while step < cfg.steps:
-            n = min(cfg.updates_per_call, cfg.steps - step, cfg.eval_every - step % cfg.eval_every,
-                    cfg.checkpoint_every - step % cfg.checkpoint_every)
-            t0 = time.perf_counter()
-            new_state, metrics = train_chunk(state, transitions, n)
-            if not cvl.ready_unless_stopped(metrics, stop):  # `state`, from before this call, is complete
-                raise KeyboardInterrupt
-            state, metrics = new_state, jax.tree.map(np.asarray, metrics)
-            dt, step = time.perf_counter() - t0, step + n
-            row = {"step": step, "wall_time": round(time.perf_counter() - start, 3), "updates_per_sec": n / dt}
-            for name, values in metrics.items():
-                row.update(cvl.per_seed_columns(name, values.mean(axis=0)))
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                returns = cvl.evaluate(eval_policy, state.actor, env_id, seeds, cfg.eval_episodes)
-                row.update(cvl.per_seed_columns("return_mean", returns.mean(axis=1)))
-                row.update(cvl.per_seed_columns("score", cvl.normalized_score(returns.mean(axis=1), ref_min,
-                                                                                ref_max)))
-            if not np.isfinite(row["critic_loss"]):
-                raise cvl.Diverged(f"non-finite critic loss by step {step}; the last checkpoint in {run_dir} is kept")
-            log.append(row)
-            bar.update(n)
-            bar.set_postfix(critic=f"{row['critic_loss']:.3g}", ups=f"{n / dt:.0f}",
-                            score=f"{row.get('score', np.nan):.1f}")
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                save(run_dir, state, cfg, log.rows, (mean, std))
-                saved_step = step
-            if stop:
-                raise KeyboardInterrupt
-    except KeyboardInterrupt:  # a signal, or Ctrl-C outside a jitted call: `state` is the last finished step
-        if saved_step != step:
-            save(run_dir, state, cfg, log.rows, (mean, std))
-        print(f"td3_bc: interrupted at step {step}; checkpoint saved. Continue with: python bench/td3_bc.py "
-              f"--resume {run_dir}", file=sys.stderr, flush=True)
-        raise cvl.Stopped(128 + stop.get("signal", signal.SIGINT)) from None
-    finally:
-        bar.close()
-        cvl.restore_signals(handlers)
-    cvl.plot_learning_curve(log.rows, run_dir / "learning_curve.png", f"TD3+BC on {cvl.run_label(dcfg)}")
-    final = dict(log.rows[-1])
-    print(f"td3_bc: done at step {step}: normalised score {final.get('score', float('nan')):.1f}; results in "
-          f"{run_dir}", flush=True)
-    return {**final, "run_dir": str(run_dir)}
+    def save_normalizer(run_dir):  # for bench/diagnose_critic.py
+        cvl.write_file(run_dir / "normalizer.npz", lambda tmp: np.savez(tmp, mean=mean, std=std), "the normaliser")
+
+    transitions = jax.device_put(make_transitions(data, mean, std))
+    algo = cvl.Algorithm("TD3+BC", "bench/td3_bc.py", init, make_train_fn(cfg, nets), eval_policy, transitions)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    return cvl.run_training(algo, cfg, env, mesh, f"{len(transitions.rows):,} transitions", save_normalizer)
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(TD3BCConfig):
-        name = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default)
-        elif f.name == "hidden":
-            parser.add_argument(name, type=int, nargs="+", default=f.default)
-        else:
-            parser.add_argument(name, type={"int": int, "float": float}.get(f.type, str), default=f.default,
-                                help=f"(default: {f.default}"
-                                + ("; with --resume, the run's own)" if f.name == "steps" else ")"))
-    parser.add_argument("--resume", default="", help="continue (or extend with --steps) this run directory")
-    parser.set_defaults(steps=None)  # with --resume, the run's own target unless --steps is given
-    args = vars(parser.parse_args(argv))
-    resume = args.pop("resume")
-    args["hidden"] = tuple(args["hidden"])
-    if resume:
-        saved = json.loads((Path(resume) / "config.json").read_text())
-        saved["hidden"] = tuple(saved["hidden"])
-        args = {**saved, "steps": saved["steps"] if args["steps"] is None else args["steps"],
-                "progress": args["progress"]}
-    if args["steps"] is None:
-        args["steps"] = TD3BCConfig.steps
-    return train(TD3BCConfig(**args), resume)
+    given = cvl.parse_args(argv, TD3BCConfig, "bench/td3_bc.py", __doc__.split("\n\n")[0])
+    if given.get("resume"):
+        return train(cvl.resume_config(given.pop("resume"), TD3BCConfig, "TD3+BC", **given))
+    return train(TD3BCConfig(**given))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except cvl.CVLError as e:
-        print(f"td3_bc: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except cvl.Stopped as e:
-        cvl.exit_now(e.code)
+    cvl.command_line(main, "td3_bc")
