@@ -39,6 +39,8 @@ METHODS = [
     ("CVL, DDPG+BC actor only (--actor-objective ddpg)", "cvl-ddpg", CVL, ["--actor-objective", "ddpg"], 3),
     ("CVL, actions contrasted + DDPG+BC + LayerNorm (--action-negatives 8 --actor-objective ddpg --layer-norm)",
      "cvl-ac8-ddpg-ln", CVL, ["--action-negatives", "8", "--actor-objective", "ddpg", "--layer-norm"], 3),
+    ("CVL, actions contrasted + AWR on the critic's own advantage (--action-negatives 8 --awr-advantage q)",
+     "cvl-ac8-awrq", CVL, ["--action-negatives", "8", "--awr-advantage", "q"], 3),
     ("CVL, AWR on the critic's own advantage (--awr-advantage q --awr-beta 1.0)", "cvl-awr", CVL,
      ["--awr-advantage", "q", "--awr-beta", "1.0"], 3),
     ("CVL, paper's actor with the original code's Q (--actor-objective q --q-estimator diag --goal-reward goal)",
