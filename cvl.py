@@ -22,6 +22,7 @@ import contextlib
 import csv
 import dataclasses
 import difflib
+import errno
 import json
 import math
 import os
@@ -29,6 +30,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import sys
 import time
 import urllib.error
@@ -399,14 +401,30 @@ def download_from(url: str, path: Path, chunk: int = 1 << 20) -> Path:
     return path
 
 
+def resolved_dataset(path) -> Path:
+    """The absolute path of a --dataset, with a symbolic link loop a one-line error."""
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as e:  # a loop: RuntimeError before Python 3.13, OSError (ELOOP) after
+        if isinstance(e, OSError) and e.errno != errno.ELOOP:
+            raise
+        raise CVLError(f"dataset {path} is a symbolic link loop; point --dataset at the file itself") from None
+
+
 def read_dataset_file(path: Path, name_for_errors: str | None = None,
                       fix: str = "check that it is a complete .hdf5 or .npz file") -> dict[str, np.ndarray]:
     """Read a D4RL-layout .hdf5 or .npz file into numpy arrays (required keys plus optional next_observations).
     `fix` is the advice when the file cannot be read (for a downloaded file: delete it and download it again)."""
     where = name_for_errors or str(path)
     path = Path(path)
-    if not path.exists():
-        raise CVLError(f"dataset file {where} does not exist; check the path or pass --env NAME to download one")
+    try:
+        kind = resolved_dataset(path).stat().st_mode
+    except OSError:
+        raise CVLError(f"dataset file {where} does not exist; check the path or pass --env NAME to download one") \
+            from None
+    if not (stat.S_ISREG(kind) or stat.S_ISDIR(kind)):
+        raise CVLError(f"dataset {where} is not a regular file (a pipe, socket or device); pass a .hdf5 or .npz "
+                       f"file")
     if path.is_dir():
         raise CVLError(f"dataset {where} is a directory; pass the .hdf5 or .npz file inside it")
     if not os.access(path, os.R_OK):
@@ -576,6 +594,12 @@ def validate_dataset(raw: dict[str, np.ndarray], where: str, obs_dim: int, act_d
     for key in ("rewards", "terminals", "timeouts"):
         if raw[key].ndim != 1:
             raise CVLError(f"{where}: key {key!r} has shape {raw[key].shape}; expected (N,), one value per row")
+    for key in ("terminals", "timeouts"):
+        flag_ok = (raw[key] == 0) | (raw[key] == 1)
+        if not flag_ok.all():
+            row = int(np.argmin(flag_ok))
+            raise CVLError(f"{where}: key {key!r} row {row} is {raw[key][row]}, not 0 or 1 (True or False); store "
+                           f"{key} as booleans")
     for key in ("observations", "actions", "rewards", "next_observations"):
         if key in raw:
             bad = ~np.isfinite(raw[key].reshape(n, -1)).all(axis=1)
@@ -1399,12 +1423,13 @@ def to_host_state(state: TrainState) -> TrainState:
     return to_host(state.replace(key=jax.random.key_data(state.key)))
 
 
-def save_checkpoint(run_dir: Path, state, cfg, rows: list[dict], algorithm: str = "CVL") -> Path:
+def save_checkpoint(run_dir: Path, state, cfg, rows: list[dict], algorithm: str = "CVL", data_id: str = "") -> Path:
     """Atomic (write_file): a crash or a full disk mid-write leaves the previous checkpoint intact."""
     path = run_dir / "checkpoint.msgpack"
     host = to_host_state(state)
     payload = {"state": flax.serialization.to_state_dict(host), "step": int(np.max(host.step)),
-               "config": json.dumps(dataclasses.asdict(cfg)), "rows": json.dumps(rows), "algorithm": algorithm}
+               "config": json.dumps(dataclasses.asdict(cfg)), "rows": json.dumps(rows), "algorithm": algorithm,
+               **({"data": data_id} if data_id else {})}
     return write_file(path, lambda tmp: tmp.write_bytes(flax.serialization.msgpack_serialize(payload)),
                       "the checkpoint")
 
@@ -1555,8 +1580,12 @@ def env_spaces(env_id: str) -> tuple[int, int, float, float]:
     try:
         with quiet_env_creation():
             env = gym.make(env_id)
-    except gym.error.Error as e:
-        raise CVLError(f"cannot make eval env {env_id!r} ({e}); pass a gymnasium id with --eval-env") from None
+    except (gym.error.Error, ImportError) as e:  # an unknown id; a -v3 MuJoCo env asks for mujoco-py
+        newer = re.sub(r"-v[0-3]$", "-v4", env_id)
+        fix = (f"{newer} is the same model on the maintained mujoco: --eval-env {newer}" if newer != env_id and
+               newer.split("-")[0].lower() in {v[0].split("-")[0].lower() for v in D4RL_ENVS.values()} else
+               "pass a gymnasium id with --eval-env")
+        raise CVLError(f"cannot make eval env {env_id!r} ({type(e).__name__}: {e}); {fix}") from None
     obs_space, act_space = env.observation_space, env.action_space
     env.close()
     if not (isinstance(obs_space, gym.spaces.Box) and isinstance(act_space, gym.spaces.Box)
@@ -1662,6 +1691,7 @@ class Algorithm(NamedTuple):
     train_chunk: Any  # jitted (state, data, n) -> (state, metrics {name: [n, K]}, finite [K])
     policy: Any  # (actor params, observations) -> deterministic actions, for one seed
     data: Any  # on the device: what train_chunk samples from
+    data_id: str  # data_fingerprint of the dataset: a resumed run refuses other data
 
 
 def train(cfg: Config) -> dict:
@@ -1673,13 +1703,24 @@ def train(cfg: Config) -> dict:
     mesh = make_mesh(cfg)
     nets = make_networks(cfg, act_dim)
     algo = Algorithm("CVL", "cvl.py", lambda seeds: init_states(cfg, nets, seeds, obs_dim, act_dim),
-                     make_train_fn(cfg, nets, mesh), partial(eval_action, nets), replicate(data, mesh))
+                     make_train_fn(cfg, nets, mesh), partial(eval_action, nets), replicate(data, mesh),
+                     data_fingerprint(data))
     return run_training(algo, cfg, env, mesh, f"{len(data.anchors):,} transitions with a future")
+
+
+def data_fingerprint(data: Data) -> str:
+    """Rows and a hash of the dataset's arrays (about 0.2 s for a million rows), stored with each checkpoint."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    for x in (data.observations, data.actions, data.rewards, data.episode_end, data.terminal):
+        h.update(np.ascontiguousarray(x).tobytes())
+    return f"{len(data.rewards):,} rows, hash {h.hexdigest()}"
 
 
 def with_absolute_dataset(cfg):
     """--dataset as an absolute path, so the run resumes from any folder."""
-    return dataclasses.replace(cfg, dataset=str(Path(cfg.dataset).expanduser().resolve())) if cfg.dataset else cfg
+    return dataclasses.replace(cfg, dataset=str(resolved_dataset(cfg.dataset))) if cfg.dataset else cfg
 
 
 def run_training(algo: Algorithm, cfg, env, mesh, about: str, on_new_run=None) -> dict:
@@ -1699,6 +1740,10 @@ def run_training(algo: Algorithm, cfg, env, mesh, about: str, on_new_run=None) -
         rows, elapsed = [], 0.0
         if cfg.resume:
             ckpt = load_checkpoint(run_dir, type(cfg), algo.name)
+            if ckpt.get("data", algo.data_id) != algo.data_id:
+                raise CVLError(f"the data changed since run {run_dir} was saved: it trained on {ckpt['data']}, "
+                               f"{cfg.dataset or cfg.env} now holds {algo.data_id}; restore the data, or start a new "
+                               f"run on the new data")
             if cfg.steps < ckpt["step"]:
                 raise CVLError(f"--steps {cfg.steps} is below the {ckpt['step']} steps run {run_dir} has done; "
                                f"pass --steps {ckpt['step']} or more to extend it")
@@ -1715,7 +1760,7 @@ def run_training(algo: Algorithm, cfg, env, mesh, about: str, on_new_run=None) -
                 if fresh:  # so that a run stopped at any point can be resumed
                     if on_new_run is not None:
                         on_new_run(run_dir)
-                    save_checkpoint(run_dir, state, cfg, log.rows, algo.name)
+                    save_checkpoint(run_dir, state, cfg, log.rows, algo.name, algo.data_id)
             except WriteError:
                 if fresh:  # nothing to keep: leave no half-made run behind
                     cleanup.callback(shutil.rmtree, run_dir, ignore_errors=True)
@@ -1748,7 +1793,7 @@ def train_loop(algo: Algorithm, state, elapsed, *, cfg, lead, run_dir, log, seed
     def checkpoint(state, step):
         nonlocal saved_step
         try:
-            save_checkpoint(run_dir, state, cfg, log.rows, algo.name)
+            save_checkpoint(run_dir, state, cfg, log.rows, algo.name, algo.data_id)
         except WriteError as e:
             raise write_failed(e) from None
         saved_step = step
@@ -1992,6 +2037,10 @@ def resume_config(run_dir: str, config_cls=None, algorithm: str = "CVL", **given
 
 def main(argv: Sequence[str] | None = None) -> dict:
     given = parse_args(argv)
+    modes = [f"--{m}" for m in ("resume", "evaluate", "inspect") if given.get(m)]
+    if len(modes) > 1:
+        raise CVLError(f"{' and '.join(modes)} exclude each other (train on, only evaluate, only look at the data); "
+                       f"pick one")
     if given.get("video") and not given.get("evaluate"):
         raise CVLError("--video needs --evaluate RUN_DIR (videos are made from saved policies)")
     if given.get("evaluate"):

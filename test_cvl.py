@@ -10,6 +10,7 @@ import http.server
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -419,6 +420,10 @@ def test_inspect_reports_a_d4rl_file_and_validates_it_as_training_does(tmp_path,
     (lambda r: [r.__setitem__(k, v[:0]) for k, v in list(r.items())], "the dataset has no rows"),
     (lambda r: r.__setitem__("rewards", np.array([b"x"] * 720)), "key 'rewards' holds |S1 values"),
     (lambda r: r.__setitem__("terminals", np.zeros((720, 2), bool)), "key 'terminals' has shape (720, 2)"),
+    (lambda r: r.__setitem__("terminals", np.where(np.arange(720) == 33, np.nan, 0.0)),
+     "key 'terminals' row 33 is nan, not 0 or 1"),
+    (lambda r: r.__setitem__("timeouts", np.where(np.arange(720) == 7, 7, r["timeouts"])),
+     "key 'timeouts' row 7 is 7, not 0 or 1"),
 ])
 def test_bad_datasets_give_one_clear_line(tmp_path, raw_small, mutate, expected):
     """Each a line naming the file and the problem, from the command line, before a run directory exists."""
@@ -1501,10 +1506,66 @@ def test_metrics_log_appends_in_constant_time_and_rewrites_only_for_a_new_column
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, dataset):
-    for args in (small_args(dataset, tmp_path / "out", devices=-1), ["--evaluate", tmp_path, "--eval-episodes", "0"]):
+    for args in (small_args(dataset, tmp_path / "out", devices=-1), ["--evaluate", tmp_path, "--eval-episodes", "0"],
+                 ["--steps", "many"], ["--no-such-flag"]):  # argparse's own errors too: one line, not a usage block
         proc = run_cli(*args, check=False)
-        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("cvl: error: ")
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("cvl: error: "), \
+            proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_modes_that_exclude_each_other_and_odd_dataset_paths_fail_in_one_line(tmp_path, dataset, finished_run):
+    fails_in_one_line(["--resume", finished_run, "--evaluate", finished_run, "--steps", "300"],
+                      "--resume and --evaluate exclude each other")
+    fails_in_one_line(["--inspect", "--resume", finished_run], "--resume and --inspect exclude each other")
+    fifo = tmp_path / "data.hdf5"
+    os.mkfifo(fifo)
+    fails_in_one_line(small_args(fifo, tmp_path / "out"), "is not a regular file (a pipe, socket or device)")
+    (tmp_path / "a.hdf5").symlink_to(tmp_path / "b.hdf5")
+    (tmp_path / "b.hdf5").symlink_to(tmp_path / "a.hdf5")
+    fails_in_one_line(small_args(tmp_path / "a.hdf5", tmp_path / "out"), "is a symbolic link loop")
+    fails_in_one_line(small_args(dataset, tmp_path / "out", eval_env="HalfCheetah-v3"),
+                      "HalfCheetah-v4 is the same model on the maintained mujoco: --eval-env HalfCheetah-v4")
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_refuses_data_that_changed_naming_both(tmp_path, raw_small):
+    path = write_hdf5(tmp_path / "halfcheetah_mine.hdf5", raw_small)
+    run = cvl.train(small_config(path, tmp_path / "out", steps=50, eval_every=50))["run_dir"]
+    before = (Path(run) / "metrics.csv").read_text()
+    write_hdf5(path, {k: v[:500] for k, v in raw_small.items()})  # same path, 500 of its 720 rows
+    msg = fails_in_one_line(["--resume", run, "--steps", "100"], "the data changed since run")
+    assert "it trained on 720 rows, hash" in msg and "now holds 500 rows, hash" in msg
+    assert (Path(run) / "metrics.csv").read_text() == before
+    write_hdf5(path, raw_small)  # the same data again: it resumes
+    assert cvl.main(["--resume", run, "--steps", "100"])["step"] == 100
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--steps", "0"], "--steps must be positive"), (["--eval-every", "0"], "--eval-every must be positive"),
+    (["--hidden", "0"], "--hidden needs one or more positive widths"), (["--policy-freq", "0"], "--policy-freq must"),
+    (["--discount", "nan"], "--discount must be in (0, 1), got nan"), (["--resume", "/nonexistent"], "no checkpoint"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_td3_bc_bad_input_is_one_line_and_leaves_nothing(tmp_path, dataset, flags, expected):
+    td3_bc = import_bench("td3_bc")
+    with pytest.raises(cvl.CVLError, match=re.escape(expected)):
+        td3_bc.main(["--dataset", str(dataset), "--eval-env", ENV_ID, "--out", str(tmp_path / "out"), *flags])
+    assert not (tmp_path / "out").exists()
+
+
+def test_td3_bc_refuses_a_cvl_run_and_contradicting_flags(tmp_path, dataset, finished_run):
+    td3_bc = import_bench("td3_bc")
+    with pytest.raises(cvl.CVLError, match="is a CVL run, not a TD3\\+BC one; resume or evaluate it with python cvl.py"):
+        td3_bc.main(["--resume", str(finished_run)])
+    run = td3_bc.main(["--dataset", str(dataset), "--eval-env", ENV_ID, "--steps", "20", "--eval-every", "20",
+                       "--updates-per-call", "10", "--eval-episodes", "1", "--hidden", "8", "--batch-size", "16",
+                       "--out", str(tmp_path), "--no-progress"])["run_dir"]
+    with pytest.raises(cvl.CVLError, match="--lr 5.0 contradicts the run being resumed"):
+        td3_bc.main(["--resume", run, "--lr", "5"])
+    with pytest.raises(cvl.CVLError, match="is a TD3\\+BC run, not a CVL one; resume or evaluate it with python "
+                                           "bench/td3_bc.py"):
+        cvl.main(["--resume", run])
 
 
 def test_actor_std_is_bounded_in_log_space():

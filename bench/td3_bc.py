@@ -182,7 +182,8 @@ def train(cfg: TD3BCConfig) -> dict:
         cvl.write_file(run_dir / "normalizer.npz", lambda tmp: np.savez(tmp, mean=mean, std=std), "the normaliser")
 
     transitions = jax.device_put(make_transitions(data, mean, std))
-    algo = cvl.Algorithm("TD3+BC", "bench/td3_bc.py", init, make_train_fn(cfg, nets), eval_policy, transitions)
+    algo = cvl.Algorithm("TD3+BC", "bench/td3_bc.py", init, make_train_fn(cfg, nets), eval_policy, transitions,
+                         cvl.data_fingerprint(data))
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     return cvl.run_training(algo, cfg, env, mesh, f"{len(transitions.rows):,} transitions", save_normalizer)
 
