@@ -22,6 +22,7 @@ import contextlib
 import csv
 import dataclasses
 import difflib
+import functools
 import errno
 import json
 import math
@@ -617,7 +618,10 @@ def validate_dataset(raw: dict[str, np.ndarray], where: str, obs_dim: int, act_d
     excess = np.maximum(actions - act_high, act_low - actions).max(axis=1)
     if excess.max() > clip_tol:
         row = int(np.argmax(excess))
-        raise CVLError(f"{where}: key 'actions' row {row} is outside the env's bounds [{act_low}, {act_high}] "
+        bounds = (f"[{np.min(act_low):g}, {np.max(act_high):g}]" if np.ndim(act_low) == 0 or
+                  (np.all(act_low == np.min(act_low)) and np.all(act_high == np.max(act_high))) else
+                  f"{np.asarray(act_low).tolist()} to {np.asarray(act_high).tolist()}")
+        raise CVLError(f"{where}: key 'actions' row {row} is outside the env's bounds {bounds} "
                        f"by {excess[row]:.3g}; rescale the actions to the env's action space")
     if excess.max() > 0:
         warnings.warn(f"{where}: {int((excess > 0).sum())} actions exceed the bounds by at most "
@@ -1573,8 +1577,9 @@ def init_distributed(cfg: Config) -> None:
                                process_id=cfg.process_id if cfg.process_id >= 0 else None)
 
 
-def env_spaces(env_id: str) -> tuple[int, int, float, float]:
-    """(observation dim, action dim, action low, action high) of a gymnasium env."""
+@functools.lru_cache(maxsize=16)
+def env_spaces(env_id: str) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """(observation dim, action dim, action low, action high per dimension) of a gymnasium env."""
     import gymnasium as gym
 
     try:
@@ -1592,8 +1597,11 @@ def env_spaces(env_id: str) -> tuple[int, int, float, float]:
             and len(obs_space.shape) == 1 and len(act_space.shape) == 1):
         raise CVLError(f"eval env {env_id!r} has observation space {obs_space} and action space {act_space}; CVL "
                        f"needs flat continuous (Box) spaces, e.g. --eval-env Hopper-v4")
-    spaces = (obs_space.shape[0], act_space.shape[0], float(act_space.low.min()), float(act_space.high.max()))
-    return spaces
+    low, high = act_space.low.astype(np.float64), act_space.high.astype(np.float64)
+    if not (np.isfinite(low).all() and np.isfinite(high).all() and (high > low).all()):
+        raise CVLError(f"eval env {env_id!r} has action bounds {low} to {high}; the policy (a tanh, mapped to the "
+                       f"bounds) needs finite ones")
+    return obs_space.shape[0], act_space.shape[0], low, high
 
 
 def load_raw(cfg: Config) -> tuple[dict[str, np.ndarray], str, tuple[str, float | None, float | None]]:
@@ -1617,9 +1625,21 @@ def load_validated(cfg: Config):
 
 
 def load_env_data(cfg: Config):
-    """Dataset, eval env and dimensions, validated against each other."""
+    """Dataset, eval env and dimensions, validated against each other; the actions mapped from the env's bounds to
+    the policy's [-1, 1] (env_policy maps them back)."""
     raw, _, spec, obs_dim, act_dim = load_validated(cfg)
-    return make_data(raw), spec, obs_dim, act_dim
+    _, _, low, high = env_spaces(spec[0])
+    return make_data({**raw, "actions": 2 * (raw["actions"] - low) / (high - low) - 1}), spec, obs_dim, act_dim
+
+
+def env_policy(policy, env_id: str):
+    """policy(params, obs) in [-1, 1] (a tanh) mapped to the eval env's action bounds, as CleanRL's action scale
+    and bias: Pendulum's [-2, 2], any custom Box. The identity for the usual [-1, 1]."""
+    _, _, low, high = env_spaces(env_id)
+    if np.all(low == -1.0) and np.all(high == 1.0):
+        return policy
+    scale, bias = jnp.asarray((high - low) / 2, jnp.float32), jnp.asarray((high + low) / 2, jnp.float32)
+    return lambda params, s: policy(params, s) * scale + bias
 
 
 def inspect_dataset(cfg: Config) -> dict:
@@ -1703,7 +1723,8 @@ def train(cfg: Config) -> dict:
     mesh = make_mesh(cfg)
     nets = make_networks(cfg, act_dim)
     algo = Algorithm("CVL", "cvl.py", lambda seeds: init_states(cfg, nets, seeds, obs_dim, act_dim),
-                     make_train_fn(cfg, nets, mesh), partial(eval_action, nets), replicate(data, mesh),
+                     make_train_fn(cfg, nets, mesh), env_policy(partial(eval_action, nets), env[0]),
+                     replicate(data, mesh),
                      data_fingerprint(data))
     return run_training(algo, cfg, env, mesh, f"{len(data.anchors):,} transitions with a future")
 
@@ -1935,14 +1956,15 @@ def evaluate_checkpoint(path: str, episodes: int, video: str = "", video_steps: 
     nets = make_networks(cfg, act_dim)
     seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
     state = restore_state(init_states(cfg, nets, seeds, obs_dim, act_dim), ckpt["state"])
-    returns = evaluate(seeds_policy(partial(eval_action, nets)), state.actor, env_id, seeds, episodes)
+    policy = env_policy(partial(eval_action, nets), env_id)
+    returns = evaluate(seeds_policy(policy), state.actor, env_id, seeds, episodes)
     scores = normalized_score(returns.mean(axis=1), ref_min, ref_max)
     result = {"step": ckpt["step"], **per_seed_columns("return_mean", returns.mean(axis=1)),
               **per_seed_columns("score", scores)}
     print(f"cvl: {run_label(cfg)} step {ckpt['step']}: return {returns.mean():.1f} +- {returns.std():.1f} over "
           f"{returns.size} episodes, normalised score {np.mean(scores):.1f}", flush=True)
     if video:
-        frames = record_episode(jax.tree.map(lambda x: x[0], to_host(state.actor)), nets, env_id, seeds[0],
+        frames = record_episode(jax.tree.map(lambda x: x[0], to_host(state.actor)), policy, env_id, seeds[0],
                                 max_steps=video_steps)
         if frames is not None:
             write_video(frames, Path(video))
@@ -1951,8 +1973,8 @@ def evaluate_checkpoint(path: str, episodes: int, video: str = "", video_steps: 
     return result
 
 
-def record_episode(actor, nets: Networks, env_id: str, seed: int, size=(480, 360), max_steps: int = 0):
-    """One deterministic episode rendered offscreen; None (with a message) where no GL backend exists."""
+def record_episode(actor, policy, env_id: str, seed: int, size=(480, 360), max_steps: int = 0):
+    """One episode of policy(actor, obs) rendered offscreen; None (with a message) where no GL backend exists."""
     import gymnasium as gym
 
     try:
@@ -1964,7 +1986,7 @@ def record_episode(actor, nets: Networks, env_id: str, seed: int, size=(480, 360
         print(f"cvl: no video: offscreen rendering failed ({type(e).__name__}: {e}); install an OpenGL backend "
               f"(Debian/Ubuntu: apt-get install libegl1 libgl1-mesa-dri) and set MUJOCO_GL=egl", file=sys.stderr)
         return None
-    policy = jax.jit(partial(eval_action, nets))
+    policy = jax.jit(policy)
     done = False
     while not done:
         obs, _, terminated, truncated, _ = env.step(np.asarray(policy(actor, obs.astype(np.float32))))

@@ -1271,7 +1271,7 @@ def test_video_without_a_gl_backend_is_skipped_with_a_message(capsys, monkeypatc
     cfg = cvl.make_config("cpu", hidden=(16,), repr_dim=4)
     nets = cvl.make_networks(cfg, 6)
     actor = cvl.init_state(jax.random.key(0), cfg, nets, 17, 6).actor
-    assert cvl.record_episode(actor, nets, ENV_ID, seed=0) is None
+    assert cvl.record_episode(actor, partial(cvl.eval_action, nets), ENV_ID, seed=0) is None
     err = capsys.readouterr().err
     assert "no video" in err and "cannot initialize EGL display" in err and "MUJOCO_GL=egl" in err
 
@@ -1512,6 +1512,48 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, dataset):
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("cvl: error: "), \
             proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def pendulum_rollouts(episodes: int = 6, length: int = 50) -> dict[str, np.ndarray]:
+    """Real Pendulum-v1 rollouts, actions uniform in its bounds [-2, 2]."""
+    import gymnasium as gym
+
+    env, rng = gym.make("Pendulum-v1"), np.random.default_rng(0)
+    out = {k: [] for k in ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")}
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=ep)
+        for t in range(length):
+            action = rng.uniform(-2, 2, 1).astype(np.float32)
+            next_obs, reward, terminated, _, _ = env.step(action)
+            for k, v in zip(out, (obs, action, reward, terminated, t == length - 1, next_obs)):
+                out[k].append(v)
+            obs = next_obs
+    env.close()
+    return {k: np.asarray(v, dtype=bool if k in ("terminals", "timeouts") else np.float32) for k, v in out.items()}
+
+
+def test_other_action_bounds_are_mapped_to_the_policys_range_and_back(tmp_path):
+    """Pendulum's [-2, 2]: the data's actions become a / 2 for training; the evaluated policy acts in [-2, 2];
+    CVL and TD3+BC both train and evaluate on it; an action outside [-2, 2] is still refused."""
+    raw = pendulum_rollouts()
+    path = write_hdf5(tmp_path / "pendulum.hdf5", raw)
+    cfg = small_config(path, tmp_path / "out", eval_env="Pendulum-v1", steps=20, eval_every=20, updates_per_call=10)
+    data, _, _, _ = cvl.load_env_data(cfg)
+    np.testing.assert_allclose(data.actions, raw["actions"] / 2, rtol=1e-6)
+    assert np.abs(raw["actions"]).max() > 1.5
+    policy = cvl.env_policy(lambda params, s: jnp.tanh(params * s[..., :1]), "Pendulum-v1")
+    np.testing.assert_allclose(policy(100.0, jnp.array([[1.0, 0, 0], [-1.0, 0, 0], [0.0, 0, 0]])), [[2], [-2], [0]],
+                               atol=1e-5)
+    assert cvl.env_policy(policy, ENV_ID) is policy  # [-1, 1]: unchanged
+    final = cvl.train(cfg)
+    assert np.isfinite(final["return_mean"]) and final["return_mean"] < 0  # Pendulum's rewards are <= 0
+    td3_bc = import_bench("td3_bc")
+    assert np.isfinite(td3_bc.main(["--dataset", str(path), "--eval-env", "Pendulum-v1", "--steps", "20",
+                                    "--eval-every", "20", "--updates-per-call", "10", "--eval-episodes", "1",
+                                    "--hidden", "8", "--out", str(tmp_path / "td3"), "--no-progress"])["return_mean"])
+    raw["actions"][5] = 2.5
+    fails_in_one_line(small_args(write_hdf5(tmp_path / "pendulum_bad.hdf5", raw), tmp_path / "bad",
+                                 eval_env="Pendulum-v1"), "key 'actions' row 5 is outside the env's bounds [-2, 2]")
 
 
 def test_modes_that_exclude_each_other_and_odd_dataset_paths_fail_in_one_line(tmp_path, dataset, finished_run):

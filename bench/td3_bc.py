@@ -175,14 +175,15 @@ def train(cfg: TD3BCConfig) -> dict:
     nets = Nets(actor=cvl.MLP(cfg.hidden, act_dim), critic=cvl.MLP(cfg.hidden, 1))
 
     init = partial(cvl.init_seeds, lambda key: init_state(key, cfg, nets, obs_dim, act_dim))
-    def eval_policy(actor, s):  # the policy sees states normalised as in training
+    def eval_policy(actor, s):  # the policy sees states normalised as in training; acts in the env's bounds
         return policy(nets, actor, (s - mean) / std)
 
     def save_normalizer(run_dir):  # for bench/diagnose_critic.py
         cvl.write_file(run_dir / "normalizer.npz", lambda tmp: np.savez(tmp, mean=mean, std=std), "the normaliser")
 
     transitions = jax.device_put(make_transitions(data, mean, std))
-    algo = cvl.Algorithm("TD3+BC", "bench/td3_bc.py", init, make_train_fn(cfg, nets), eval_policy, transitions,
+    algo = cvl.Algorithm("TD3+BC", "bench/td3_bc.py", init, make_train_fn(cfg, nets),
+                         cvl.env_policy(eval_policy, env[0]), transitions,
                          cvl.data_fingerprint(data))
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     return cvl.run_training(algo, cfg, env, mesh, f"{len(transitions.rows):,} transitions", save_normalizer)
