@@ -1721,6 +1721,7 @@ def train(cfg: Config) -> dict:
     init_distributed(cfg)
     data, env, obs_dim, act_dim = load_env_data(cfg)
     mesh = make_mesh(cfg)
+    check_fits(cfg, len(data.rewards), obs_dim, act_dim, mesh.devices.size)
     nets = make_networks(cfg, act_dim)
     algo = Algorithm("CVL", "cvl.py", lambda seeds: init_states(cfg, nets, seeds, obs_dim, act_dim),
                      make_train_fn(cfg, nets, mesh), env_policy(partial(eval_action, nets), env[0]),
@@ -1737,6 +1738,51 @@ def data_fingerprint(data: Data) -> str:
     for x in (data.observations, data.actions, data.rewards, data.episode_end, data.terminal):
         h.update(np.ascontiguousarray(x).tobytes())
     return f"{len(data.rewards):,} rows, hash {h.hexdigest()}"
+
+
+ENV_BYTES = 1.5e6  # host memory of one MuJoCo eval env (measured: 1.0-1.2 MB for Hopper-v4 and HalfCheetah-v4)
+
+
+def check_fits(cfg, rows: int, obs_dim: int, act_dim: int, devices: int = 1) -> None:
+    """Refuse, before anything is written, a run that cannot fit: B x B logits past int32 indexing, or a rough
+    estimate of its memory (the B x B logits and their temporaries, activations, parameters with their optimiser
+    states, the data on the device; the evaluation envs on the host) above what the device or host has. The message
+    names the flag to lower."""
+    b, k = cfg.batch_size, cfg.num_seeds
+    if b * b >= 2 ** 31:
+        raise CVLError(f"--batch-size {b} makes {b * b:,} logits per batch, past int32 indexing; use at most 46340")
+    dims = [obs_dim + act_dim, *cfg.hidden, 2 * max(getattr(cfg, "repr_dim", 1), act_dim)]
+    params = 4 * 4 * sum(a * c + c for a, c in zip(dims, dims[1:]))  # phi, psi, actor, behaviour model: bytes
+    passes = 1 + getattr(cfg, "action_negatives", 0) + 10  # phi's passes: the data, a', V(s), V(s'), the actor
+    per_seed = {"--batch-size": 4 * (16 * b * b + 3 * b * sum(cfg.hidden) * passes) / devices,
+                "--hidden": params * 6 * max(1, getattr(cfg, "critics", 1))}  # with grads, Adam, a target
+    data = 4 * rows * (2 * obs_dim + act_dim + 4)
+    have, where = device_memory()
+    room = 0.9 * have - data
+    if k * sum(per_seed.values()) > room:
+        fit = int(room // sum(per_seed.values()))
+        fix = (f"lower --num-seeds (about {fit} fit)" if fit >= 1 else
+               f"lower {max(per_seed, key=per_seed.get)} (--batch-size {b}, --hidden {' '.join(map(str, cfg.hidden))})")
+        raise CVLError(f"this run needs about {(k * sum(per_seed.values()) + data) / 1e9:,.1f} GB, more than the "
+                       f"{have / 1e9:,.1f} GB of {where}; {fix}")
+    envs, host = k * cfg.eval_episodes * ENV_BYTES, host_memory()
+    if envs > 0.5 * host:
+        raise CVLError(f"evaluation runs --num-seeds x --eval-episodes = {k * cfg.eval_episodes:,} envs at once, "
+                       f"about {envs / 1e9:,.0f} GB, more than half of this host's {host / 1e9:,.0f} GB; lower "
+                       f"--eval-episodes")
+
+
+def host_memory() -> float:
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def device_memory() -> tuple[float, str]:
+    """Bytes of the first local device (an accelerator's own limit, else the host's memory) and what it is."""
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return float(stats["bytes_limit"]), f"the {device.device_kind}"
+    return host_memory(), "this host (CPU)"
 
 
 def with_absolute_dataset(cfg):

@@ -1571,6 +1571,26 @@ def test_modes_that_exclude_each_other_and_odd_dataset_paths_fail_in_one_line(tm
     assert not (tmp_path / "out").exists()
 
 
+def test_runs_that_cannot_fit_are_refused_before_anything_is_written(tmp_path, dataset, monkeypatch):
+    """Against a device and host of 8 GB each; each message names the flag to lower."""
+    monkeypatch.setattr(cvl, "device_memory", lambda: (8e9, "a test device"))
+    monkeypatch.setattr(cvl, "host_memory", lambda: 8e9)
+    for flags, expected in [(dict(batch_size=50000), "past int32 indexing; use at most 46340"),
+                            (dict(batch_size=20000), "more than the 8.0 GB of a test device; lower --batch-size"),
+                            (dict(num_seeds=30000), "more than the 8.0 GB of a test device; lower --num-seeds (about"),
+                            (dict(hidden="20000 20000"), "lower --hidden"),
+                            (dict(eval_episodes=1000000), "= 1,000,000 envs at once, about 1,500 GB, more than half "
+                                                          "of this host's 8 GB; lower --eval-episodes")]:
+        fails_in_one_line(small_args(dataset, tmp_path / "out", **flags), expected)
+    assert not (tmp_path / "out").exists()
+    td3_bc = import_bench("td3_bc")
+    with pytest.raises(cvl.CVLError, match="lower --num-seeds"):
+        td3_bc.main(["--dataset", str(dataset), "--eval-env", ENV_ID, "--num-seeds", "100000", "--out",
+                     str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    cvl.check_fits(cvl.make_config("paper"), 1_000_000, 17, 6)  # the paper's setting fits in 8 GB
+
+
 def test_resume_refuses_data_that_changed_naming_both(tmp_path, raw_small):
     path = write_hdf5(tmp_path / "halfcheetah_mine.hdf5", raw_small)
     run = cvl.train(small_config(path, tmp_path / "out", steps=50, eval_every=50))["run_dir"]

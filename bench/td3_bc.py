@@ -171,6 +171,7 @@ def train(cfg: TD3BCConfig) -> dict:
     check(cfg)
     cfg = cvl.with_absolute_dataset(cfg)
     data, env, obs_dim, act_dim = cvl.load_env_data(cfg)
+    cvl.check_fits(cfg, len(data.rewards), obs_dim, act_dim)
     mean, std = normalizer(np.asarray(data.observations)) if cfg.normalize else (np.zeros(obs_dim), np.ones(obs_dim))
     nets = Nets(actor=cvl.MLP(cfg.hidden, act_dim), critic=cvl.MLP(cfg.hidden, 1))
 
