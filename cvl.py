@@ -508,7 +508,13 @@ def minari_arrays(dataset) -> dict[str, np.ndarray]:
     row t is (observations[t], actions[t], rewards[t], observations[t + 1]); terminations are D4RL's terminals and
     truncations its timeouts. A terminated episode's last transition is kept, with its reward."""
     parts: dict[str, list] = {k: [] for k in (*REQUIRED_KEYS, "next_observations")}
-    for ep in dataset.iterate_episodes():
+    try:
+        episodes = list(dataset.iterate_episodes())
+    except Exception as e:  # a damaged data file: h5py and minari raise many types
+        name = dataset.spec.dataset_id
+        raise CVLError(f"Minari dataset {name!r}'s data cannot be read ({type(e).__name__}: {e}); delete "
+                       f"{minari_dir() / name} and run again to download it again") from None
+    for ep in episodes:
         if isinstance(ep.observations, dict) or isinstance(ep.actions, dict):
             raise CVLError(f"Minari dataset {dataset.spec.dataset_id!r} has dict observations or actions; CVL needs "
                            f"flat Box spaces")

@@ -347,6 +347,17 @@ def test_minari_id_trains_evaluates_and_inspects(minari_path, monkeypatch, tmp_p
     assert Path(info["plot"]).stat().st_size > 5000
 
 
+def test_a_damaged_minari_data_file_fails_in_one_line(minari_path, tmp_path, monkeypatch):
+    import shutil
+
+    root = Path(shutil.copytree(minari_path, tmp_path / "minari"))
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    (data_file,) = (root / MINARI_ID).rglob("*.hdf5")
+    data_file.write_bytes(data_file.read_bytes()[:3000])  # cut short, as an interrupted copy leaves it
+    msg = fails_in_one_line(["--env", MINARI_ID, "--inspect"], "'s data cannot be read")
+    assert f"delete {root / MINARI_ID}" in msg
+
+
 def test_unknown_minari_ids_and_no_network_fail_in_one_line(minari_path, monkeypatch):
     import minari
 
