@@ -22,8 +22,8 @@ import contextlib
 import csv
 import dataclasses
 import difflib
-import functools
 import errno
+import functools
 import json
 import math
 import os
@@ -43,15 +43,20 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
-import flax.linen as nn
-import flax.serialization
-import flax.struct
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
-from tqdm.auto import tqdm
+if Path(sys.argv[0]).name in ("cvl.py", "td3_bc.py"):  # a command line: a stop while the libraries below load is
+    for _sig in (signal.SIGINT, signal.SIGTERM):        # one line, not a traceback (then guard_stops takes over)
+        signal.signal(_sig, lambda n, _: (print(f"{Path(sys.argv[0]).stem}: stopped by {signal.Signals(n).name}; "
+                                                f"nothing was written", file=sys.stderr, flush=True), os._exit(128 + n)))
+
+import flax.linen as nn  # noqa: E402
+import flax.serialization  # noqa: E402
+import flax.struct  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
 
 # ======================================================================================================== config
@@ -205,6 +210,7 @@ def write_file(path: Path, write, what: str) -> Path:
     file and the reason."""
     path = Path(path)
     tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    PROCESS["writing"] += 1  # a signal now waits for this write (stop_process)
     try:
         write(tmp)
         fd = os.open(tmp, os.O_RDONLY)
@@ -218,6 +224,10 @@ def write_file(path: Path, write, what: str) -> Path:
             tmp.unlink()
         reason = getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"
         raise WriteError(f"cannot write {what} {path} ({reason})") from None
+    finally:
+        PROCESS["writing"] -= 1
+        if not PROCESS["writing"] and "pending" in PROCESS:
+            stop_process(*PROCESS.pop("pending"))
     return path
 
 
@@ -1319,9 +1329,10 @@ def seeds_policy(policy):
     return jax.jit(jax.vmap(policy))
 
 
-def evaluate(policy, actor_params, env_id: str, seeds: Sequence[int], episodes: int) -> np.ndarray:
+def evaluate(policy, actor_params, env_id: str, seeds: Sequence[int], episodes: int, stop=None) -> np.ndarray:
     """Returns [K, episodes] of returns of a seeds_policy(...), params stacked over K seeds; all K x episodes run as
-    one vectorised env. The parameters go to the device once; each env step moves only observations and actions."""
+    one vectorised env. The parameters go to the device once; each env step moves only observations and actions.
+    A non-empty `stop` (the training loop's signal flag) ends it between steps with KeyboardInterrupt."""
     import gymnasium as gym
 
     k = len(seeds)
@@ -1333,6 +1344,8 @@ def evaluate(policy, actor_params, env_id: str, seeds: Sequence[int], episodes: 
         returns = np.zeros(k * episodes)
         alive = np.ones(k * episodes, dtype=bool)
         while alive.any():
+            if stop:
+                raise KeyboardInterrupt
             actions = policy(actor_params, obs.reshape(k, episodes, -1).astype(np.float32))
             obs, reward, terminated, truncated, _ = envs.step(np.asarray(actions).reshape(k * episodes, -1))
             returns += reward * alive
@@ -1807,6 +1820,9 @@ def run_training(algo: Algorithm, cfg, env, mesh, about: str, on_new_run=None) -
         run_dir = run_directory(cfg.resume)
     else:
         run_dir = new_run_dir(cfg) if lead else Path(cfg.out)
+    if lead:  # what a stop before the loop keeps: a new run without a checkpoint is removed, a resumed one kept
+        PROCESS.update(run_dir=run_dir, script=algo.script, fresh=fresh, saved_step=None, phase="start",
+                       acknowledged=False)
     with contextlib.ExitStack() as cleanup:
         if lead:
             cleanup.enter_context(run_lock(run_dir, algo.script))
@@ -1821,6 +1837,7 @@ def run_training(algo: Algorithm, cfg, env, mesh, about: str, on_new_run=None) -
                 raise CVLError(f"--steps {cfg.steps} is below the {ckpt['step']} steps run {run_dir} has done; "
                                f"pass --steps {ckpt['step']} or more to extend it")
             state, rows = restore_state(state, ckpt["state"]), ckpt["rows"]
+            PROCESS["saved_step"] = ckpt["step"]
             elapsed = rows[-1]["wall_time"] if rows else 0.0
         state = replicate(to_host_state(state), mesh)
         state = state.replace(key=jax.random.wrap_key_data(state.key))
@@ -1834,6 +1851,7 @@ def run_training(algo: Algorithm, cfg, env, mesh, about: str, on_new_run=None) -
                     if on_new_run is not None:
                         on_new_run(run_dir)
                     save_checkpoint(run_dir, state, cfg, log.rows, algo.name, algo.data_id)
+                    PROCESS["saved_step"] = int(np.max(to_host(state.step)))
             except WriteError:
                 if fresh:  # nothing to keep: leave no half-made run behind
                     cleanup.callback(shutil.rmtree, run_dir, ignore_errors=True)
@@ -1869,10 +1887,11 @@ def train_loop(algo: Algorithm, state, elapsed, *, cfg, lead, run_dir, log, seed
             save_checkpoint(run_dir, state, cfg, log.rows, algo.name, algo.data_id)
         except WriteError as e:
             raise write_failed(e) from None
-        saved_step = step
+        saved_step = PROCESS["saved_step"] = step
 
     stop = {}  # set by SIGINT/SIGTERM; the wait for a jitted call polls it
     handlers = catch_stop_signals(stop)
+    PROCESS.update(phase="loop", saved_step=saved_step)
     bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and lead), desc=run_label(cfg),
                dynamic_ncols=True)
     last_score = None
@@ -1883,6 +1902,7 @@ def train_loop(algo: Algorithm, state, elapsed, *, cfg, lead, run_dir, log, seed
             n = min(cfg.updates_per_call, cfg.steps - step, cfg.eval_every - step % cfg.eval_every,
                     cfg.checkpoint_every - step % cfg.checkpoint_every)
             t0 = time.perf_counter()
+            PROCESS["saved"] = saved_step == step  # a stop during this call's compile may end the process now
             new_state, metrics, finite = algo.train_chunk(state, algo.data, n)
             if not ready_unless_stopped((metrics, finite), stop):  # one XLA execution: new_state is ready with them
                 raise KeyboardInterrupt  # `state`, from before this call, is complete: save it and exit now
@@ -1894,18 +1914,19 @@ def train_loop(algo: Algorithm, state, elapsed, *, cfg, lead, run_dir, log, seed
                 if lead:  # the state before this call is the last good one: keep it
                     checkpoint(state, step)
                 raise
-            state, step = new_state, step + n
-            row = {"step": step, "wall_time": round(time.perf_counter() - start, 3), "updates_per_sec": n / dt}
+            row = {"step": step + n, "wall_time": round(time.perf_counter() - start, 3), "updates_per_sec": n / dt}
             for name, values in metrics.items():
                 row.update(per_seed_columns(name, values.mean(axis=0)))
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                t_eval = time.perf_counter()
-                returns = evaluate(policy, state.actor, env_id, seeds, cfg.eval_episodes)
+            if (step + n) % cfg.eval_every == 0 or step + n == cfg.steps:
+                t_eval = time.perf_counter()  # a stop during it keeps `state`, whose rows are all logged
+                returns = evaluate(policy, new_state.actor, env_id, seeds, cfg.eval_episodes, stop)
                 row["eval_seconds"] = round(time.perf_counter() - t_eval, 3)
                 row.update(per_seed_columns("return_mean", returns.mean(axis=1)))
                 row.update(per_seed_columns("return_std", returns.std(axis=1)))
                 row.update(per_seed_columns("score", normalized_score(returns.mean(axis=1), ref_min, ref_max)))
                 last_score = row["score"]
+            state, step = new_state, step + n
+            PROCESS["saved"] = False  # until the next checkpoint: a stop is the loop's to save
             if lead:
                 try:
                     log.append(row)
@@ -1922,6 +1943,7 @@ def train_loop(algo: Algorithm, state, elapsed, *, cfg, lead, run_dir, log, seed
             if stop:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:  # a signal, or Ctrl-C outside a jitted call: `state` is the last finished step
+        PROCESS["acknowledged"] = True
         bar.close()
         if lead:
             if saved_step != step:
@@ -1930,6 +1952,7 @@ def train_loop(algo: Algorithm, state, elapsed, *, cfg, lead, run_dir, log, seed
                   f"python {algo.script} --resume {run_dir}", file=sys.stderr, flush=True)
         raise Stopped(128 + stop.get("signal", signal.SIGINT)) from None
     finally:
+        PROCESS["phase"] = "after the loop"
         bar.close()
         restore_signals(handlers)
         if wandb_run is not None:
@@ -1947,6 +1970,54 @@ def train_loop(algo: Algorithm, state, elapsed, *, cfg, lead, run_dir, log, seed
               f"return {final.get('return_mean', float('nan')):.1f}; results in {run_dir}", flush=True)
     final["run_dir"] = str(run_dir)
     return final
+
+
+# Stopping at any moment (the command line, via command_line): SIGINT/SIGTERM outside the training loop's own
+# polling, or while the main thread sits in a long C call (an XLA compile, where Python's handlers cannot run), end
+# the process within about a second with one line. PROCESS says what there is to keep; no write is ever cut.
+PROCESS: dict[str, Any] = {"writing": 0}
+
+
+def guard_stops(prefix: str) -> None:
+    """Handlers for the whole process, and a watcher thread woken by the C-level handler (set_wakeup_fd) that acts
+    when the main thread cannot."""
+    import threading
+
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    signal.set_wakeup_fd(w)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _: stop_process(signum, prefix))
+
+    def watch():
+        signum = os.read(r, 1)[0]
+        time.sleep(1.0)  # the main thread, or the training loop, usually acts first
+        while PROCESS["writing"] or (PROCESS.get("phase") == "loop" and not PROCESS.get("saved")):
+            time.sleep(0.05)  # never cut a write; a loop's unsaved step is the loop's to save
+        if not PROCESS.get("acknowledged"):  # the loop saw the stop: it saves, says so and exits itself
+            stop_process(signum, prefix)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def stop_process(signum: int, prefix: str) -> None:
+    """One line and exit 128 + signum, keeping what was written: a new run directory without its first checkpoint
+    is removed; a run with one says how to continue it. During a write, the stop waits for it (write_file)."""
+    if PROCESS["writing"]:
+        PROCESS["pending"] = (signum, prefix)
+        return
+    run_dir, step = PROCESS.get("run_dir"), PROCESS.get("saved_step")
+    if run_dir is None:
+        what = "nothing was written"
+    elif step is None and PROCESS.get("fresh"):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        what = f"the new run directory {run_dir} had no checkpoint yet and was removed"
+    elif step is None:
+        what = f"run {run_dir} is unchanged"
+    else:
+        what = f"run {run_dir} is saved at step {step}; continue with: python {PROCESS['script']} --resume {run_dir}"
+    print(f"{prefix}: stopped by {signal.Signals(signum).name}; {what}", file=sys.stderr, flush=True)
+    exit_now(128 + signum)
 
 
 def catch_stop_signals(stop: dict) -> dict:
@@ -1983,6 +2054,7 @@ def ready_unless_stopped(outputs, stop: dict) -> bool:
         if all(x.is_ready() for x in leaves):
             return True
         time.sleep(0.005)
+    PROCESS["acknowledged"] = True  # the loop handles this stop itself
     return False
 
 
@@ -2138,7 +2210,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def command_line(main, prefix: str = "cvl") -> None:
     """Run a script's main(): bad input is one line "<prefix>: error: ..." and exit 2, a divergence exit 3, a saved
-    stop 128 + the signal."""
+    stop 128 + the signal, a stop at any other moment too (guard_stops)."""
+    guard_stops(prefix)
     try:
         main()
     except CVLError as e:

@@ -14,14 +14,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import flax.struct
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import cvl  # noqa: E402
+import cvl  # noqa: E402  (first: a stop while the libraries load is then one line)
+import flax.struct  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
 
 @dataclass(frozen=True)
