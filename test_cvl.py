@@ -2209,6 +2209,8 @@ def test_td3_bc_cli_trains_evaluates_and_resumes(tmp_path, dataset):
     nets = td3_bc.Nets(actor=cvl.MLP((32, 32), act_dim), critic=cvl.MLP((32, 32), 1))
     payload = flax.serialization.msgpack_restore((run / "checkpoint.msgpack").read_bytes())
     assert [r["seed"] for r in results] == [0, 1]
+    first = diagnose_critic.main([str(run), "--rows", "128", "--min-horizon", "20", "--simulate", "0", "--seeds", "1"])
+    assert [r["seed"] for r in first] == [0] and first[0]["beats_random"] == results[0]["beats_random"]
     for i, r in enumerate(results):
         critic = jax.tree.map(lambda x: jnp.asarray(x[i]), payload["state"]["critic"])
         s = (np.asarray(data.observations)[r["rows"]] - norm["mean"]) / norm["std"]

@@ -64,6 +64,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for the rows, goals and random actions")
     p.add_argument("--simulate", type=int, default=256, help="rows checked in the simulator (0: none)")
     p.add_argument("--horizon", type=int, default=300, help="steps of each simulated return (gamma^300 = 0.05)")
+    p.add_argument("--seeds", type=int, default=0, help="diagnose only the run's first N seeds (0: all)")
     p.add_argument("--min-horizon", type=int, default=500, help="rows of time-limited episodes: at least this many "
                    "steps from the end")
     args = p.parse_args(argv)
@@ -76,6 +77,7 @@ def main(argv=None):
     nets = cvl.make_networks(cfg, act_dim)
     seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
     state = cvl.restore_state(cvl.init_states(cfg, nets, seeds, obs_dim, act_dim), ckpt["state"])
+    seeds = seeds[:args.seeds or None]
 
     b = cfg.batch_size
     rows, ret, rng = pick_rows(data, cfg.gamma, b, args)
@@ -209,6 +211,7 @@ def diagnose_td3bc(args) -> list[dict]:
     template = cvl.init_seeds(lambda key: td3_bc.init_state(key, cfg, nets, obs_dim, act_dim), seeds)
     payload = flax.serialization.msgpack_restore((run / "checkpoint.msgpack").read_bytes())
     state = cvl.restore_state(template, payload["state"])
+    seeds = seeds[:args.seeds or None]
     norm = np.load(run / "normalizer.npz")
     mean, std = jnp.asarray(norm["mean"], jnp.float32), jnp.asarray(norm["std"], jnp.float32)
     rows, ret, rng = pick_rows(data, cfg.discount, cfg.batch_size, args)
