@@ -1982,6 +1982,19 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
         sim, q = r["simulated"], r["normalized"]
         assert sim["rows"] == 16 and sim["agree"] == np.mean((q["q"][:16] > q["q_random"][:16]) ==
                                                              (sim["g_data"] > sim["g_random"]))
+        # the near action, the data's plus N(0, 0.1^2): its Q as training computes it, and the agreement
+        a_data = np.asarray(data.actions)[r["rows"][:16]]
+        assert 0 < np.abs(sim["a_near"] - a_data).mean() < 0.2 and sim["g_near"].shape == (16,)
+        near_batch = cvl.batch_at(data, jax.random.key(0), jnp.asarray(r["rows"][:cfg.batch_size]), cfg.gamma,
+                                  cfg.goal_reward)
+        critic_i = jax.tree.map(lambda x: x[r["seed"]], state.critic)
+        a_near = np.asarray(near_batch.actions).copy()
+        a_near[:16] = sim["a_near"]
+        q_near = cvl.q_estimate(nets, critic_i, near_batch.observations, jnp.asarray(a_near),
+                                cvl.goal_features(nets, critic_i, near_batch.goals, near_batch.absorbing),
+                                near_batch.goal_rewards, cfg)
+        np.testing.assert_allclose(sim["q_near"], np.asarray(q_near)[:16], rtol=1e-5, atol=1e-7)
+        assert sim["near_agree"] == np.mean((q["q"][:16] > sim["q_near"]) == (sim["g_data"] > sim["g_near"]))
         # each AWR advantage of the simulated rows, as training computes it on the run's own batch of those rows
         i = r["seed"]
         critic, actor = (jax.tree.map(lambda x: x[i], tree) for tree in (state.critic, state.actor))
@@ -2221,6 +2234,7 @@ def test_td3_bc_cli_trains_evaluates_and_resumes(tmp_path, dataset):
         sim = r["simulated"]
         assert sim["agree"] == np.mean((r["q"][:8][sim["ok"]] > r["q_random"][:8][sim["ok"]]) ==
                                        (sim["g_data"] > sim["g_random"]))
+        assert sim["near_agree"] == np.mean((r["q"][:8][sim["ok"]] > sim["q_near"]) == (sim["g_data"] > sim["g_near"]))
 
 
 def test_td3_bc_a_signal_saves_the_last_finished_step_and_resume_equals_an_uninterrupted_run(

@@ -64,6 +64,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for the rows, goals and random actions")
     p.add_argument("--simulate", type=int, default=256, help="rows checked in the simulator (0: none)")
     p.add_argument("--horizon", type=int, default=300, help="steps of each simulated return (gamma^300 = 0.05)")
+    p.add_argument("--near", type=float, default=0.1, help="std of the noise of the near action, a + N(0, std^2)")
     p.add_argument("--seeds", type=int, default=0, help="diagnose only the run's first N seeds (0: all)")
     p.add_argument("--min-horizon", type=int, default=500, help="rows of time-limited episodes: at least this many "
                    "steps from the end")
@@ -84,6 +85,7 @@ def main(argv=None):
     n_rows = len(rows)
     s, a = data.observations[rows], data.actions[rows]
     a_rand = jnp.asarray(rng.uniform(-1, 1, a.shape), jnp.float32)
+    a_near = jnp.asarray(np.clip(np.asarray(a) + args.near * rng.standard_normal(a.shape), -1, 1), jnp.float32)
     batch = cvl.batch_at(data, jax.random.key(args.seed), jnp.asarray(rows), cfg.gamma, cfg.goal_reward)
     goals, absorbing, r_g = batch.goals, batch.absorbing, batch.goal_rewards
     batch_again = cvl.batch_at(data, jax.random.key(args.seed + 1), jnp.asarray(rows), cfg.gamma, cfg.goal_reward)
@@ -141,8 +143,9 @@ def main(argv=None):
                   f"goals and policy samples, corr(A, A') {show(result[f'retest_{name}']['corr'])}")
         if args.simulate:
             policy = jax.jit(lambda obs: cvl.eval_action(nets, actor, obs))
-            sim = result["simulated"] = simulate_pairs(env_id, s, a, a_rand, result[cfg.q_estimator]["q"],
-                                                       result[cfg.q_estimator]["q_random"], policy, cfg.gamma, args,
+            own = result[cfg.q_estimator]
+            sim = result["simulated"] = simulate_pairs(env_id, s, a, a_rand, a_near, own["q"], own["q_random"],
+                                                       q(a_near, cfg.q_estimator), policy, cfg.gamma, args,
                                                        f"the critic ({cfg.q_estimator})")
             ok, n = sim["ok"], len(sim["ok"])
             g_data, g_pi = sim["g_data"], sim["g_policy"]
@@ -172,24 +175,29 @@ def pick_rows(data: cvl.Data, gamma: float, b: int, args):
     return rows, ret[rows], rng
 
 
-def simulate_pairs(env_id, s, a, a_rand, q_data, q_rand, policy, gamma, args, critic_name: str) -> dict:
-    """The first --simulate rows in the simulator: the data's action, the random one and the policy's own first
-    action, then the policy; whether the critic's Q(a_data) > Q(a_random) agrees with the returns G, and
-    corr(dQ, dG). Prints one line."""
+def simulate_pairs(env_id, s, a, a_rand, a_near, q_data, q_rand, q_near, policy, gamma, args, critic_name: str) -> dict:
+    """The first --simulate rows in the simulator: the data's action, a random one, one near the data's (a + N(0,
+    --near^2), clipped) and the policy's own first action, then the policy. Whether the critic (its Q of the rows at
+    each of the three) agrees with the returns G on which of a pair is better, and corr(dQ, dG): the data's action
+    against the random one (top-level keys), and against the near one ("near_*": the local ranking a DDPG-style
+    policy step follows). Prints a line for each."""
     n = min(args.simulate, len(s))
     a_pi = np.asarray(policy(s[:n]))  # the policy's own first action: G(a_pi) is its value V(s)
-    first_actions = np.concatenate([np.asarray(a[:n]), np.asarray(a_rand[:n]), a_pi])  # i, n + i, 2n + i
+    first_actions = np.concatenate([np.asarray(x[:n]) for x in (a, a_rand, a_near)] + [a_pi])  # i, n + i, ...
     g = simulated_returns(env_id, np.asarray(s[:n]), first_actions, policy, gamma, args.horizon)
     ok = ~np.isnan(g[:n])
-    g_data, g_rand, g_pi = g[:n][ok], g[n:2 * n][ok], g[2 * n:][ok]
-    q_d, q_r = np.asarray(q_data)[:n][ok], np.asarray(q_rand)[:n][ok]
-    sim = dict(rows=int(ok.sum()), ok=ok, g_data=g_data, g_random=g_rand, g_policy=g_pi,
-               data_better=float(np.mean(g_data > g_rand)), agree=float(np.mean((q_d > q_r) == (g_data > g_rand))),
-               corr=correlations(q_d - q_r, g_data - g_rand))
-    print(f"    simulator ({sim['rows']} rows, {args.horizon} steps, then this seed's policy): the data's "
-          f"action is better {sim['data_better']:.3f} of the time; {critic_name} agrees on "
-          f"which is better {sim['agree']:.3f}; corr(Q(a_data) - Q(a_random), G(a_data) - G(a_random)) "
-          f"{show(sim['corr'])}")
+    g_data, g_rand, g_near, g_pi = (g[k * n:(k + 1) * n][ok] for k in range(4))
+    q_d, q_r, q_n = (np.asarray(x)[:n][ok] for x in (q_data, q_rand, q_near))
+    sim = dict(rows=int(ok.sum()), ok=ok, g_data=g_data, g_random=g_rand, g_near=g_near, g_policy=g_pi,
+               a_near=np.asarray(a_near[:n])[ok], q_near=q_n)
+    for prefix, other, g_o, q_o in (("", "random", g_rand, q_r), ("near_", "near", g_near, q_n)):
+        sim.update({f"{prefix}data_better": float(np.mean(g_data > g_o)),
+                    f"{prefix}agree": float(np.mean((q_d > q_o) == (g_data > g_o))),
+                    f"{prefix}corr": correlations(q_d - q_o, g_data - g_o)})
+        print(f"    simulator ({sim['rows']} rows, {args.horizon} steps, then this seed's policy), the data's action "
+              f"against a {other} one: the data's is better {sim[prefix + 'data_better']:.3f} of the time; "
+              f"{critic_name} agrees {sim[prefix + 'agree']:.3f}; corr(Q(a_data) - Q(a_{other}), G(a_data) - "
+              f"G(a_{other})) {show(sim[prefix + 'corr'])}")
     return sim
 
 
@@ -217,6 +225,7 @@ def diagnose_td3bc(args) -> list[dict]:
     rows, ret, rng = pick_rows(data, cfg.discount, cfg.batch_size, args)
     s, a = data.observations[rows], data.actions[rows]
     a_rand = jnp.asarray(rng.uniform(-1, 1, a.shape), jnp.float32)
+    a_near = jnp.asarray(np.clip(np.asarray(a) + args.near * rng.standard_normal(a.shape), -1, 1), jnp.float32)
     print(f"{args.run}: TD3+BC, step {payload['step']}, {len(rows)} rows, MC return mean {ret.mean():.1f}")
     results = []
     for i, seed in enumerate(seeds):
@@ -229,8 +238,9 @@ def diagnose_td3bc(args) -> list[dict]:
               f"{result['beats_random']:.3f}")
         if args.simulate:
             policy = jax.jit(lambda obs, actor=actor: td3_bc.policy(nets, actor, (obs - mean) / std))
-            result["simulated"] = simulate_pairs(env_id, s, a, a_rand, q_data, q_rand, policy, cfg.discount, args,
-                                                 "TD3+BC's critic")
+            q_near = np.asarray(td3_bc.twin_q(nets, critic, (s - mean) / std, a_near)[0])
+            result["simulated"] = simulate_pairs(env_id, s, a, a_rand, a_near, q_data, q_rand, q_near, policy,
+                                                 cfg.discount, args, "TD3+BC's critic")
         results.append(result)
     return results
 
