@@ -46,7 +46,8 @@ from typing import Any, NamedTuple, Sequence
 if Path(sys.argv[0]).name in ("cvl.py", "td3_bc.py"):  # a command line: a stop while the libraries below load is
     for _sig in (signal.SIGINT, signal.SIGTERM):        # one line, not a traceback (then guard_stops takes over)
         signal.signal(_sig, lambda n, _: (print(f"{Path(sys.argv[0]).stem}: stopped by {signal.Signals(n).name}; "
-                                                f"nothing was written", file=sys.stderr, flush=True), os._exit(128 + n)))
+                                                f"nothing was written", file=sys.stderr, flush=True),
+                                          os._exit(128 + n)))
 
 import flax.linen as nn  # noqa: E402
 import flax.serialization  # noqa: E402
@@ -254,6 +255,11 @@ VARIANT_FLAGS = {
 }
 
 
+def flag_name(field_name: str) -> str:
+    """The command-line flag of a config field: batch_size -> --batch-size."""
+    return "--" + field_name.replace("_", "-")
+
+
 def check_ranges(cfg, positive=(), at_least_0=(), below_1=(), up_to_1=()) -> None:
     """One line for the first flag out of range: > 0, >= 0, in (0, 1), in (0, 1]."""
     for names, ok, what in ((positive, lambda x: x > 0, "be positive"), (at_least_0, lambda x: x >= 0, "be >= 0"),
@@ -261,7 +267,7 @@ def check_ranges(cfg, positive=(), at_least_0=(), below_1=(), up_to_1=()) -> Non
                                                                              "be in (0, 1]")):
         for name in names:
             if not ok(getattr(cfg, name)):
-                raise CVLError(f"--{name.replace('_', '-')} must {what}, got {getattr(cfg, name)}")
+                raise CVLError(f"{flag_name(name)} must {what}, got {getattr(cfg, name)}")
 
 
 def check_run_flags(cfg) -> None:
@@ -276,9 +282,6 @@ def check_run_flags(cfg) -> None:
 
 def check_config(cfg: Config) -> None:
     """Range-check every flag, on every path (train, --resume, --evaluate, --inspect); one line per problem."""
-    def flag(name):
-        return "--" + name.replace("_", "-")
-
     check_run_flags(cfg)
     check_ranges(cfg, positive=("repr_dim", "critics", "adam_eps", "actor_min_std", "awr_max_weight", "td_max_weight",
                                 "ddpg_alpha"),
@@ -296,9 +299,9 @@ def check_config(cfg: Config) -> None:
             value, now = getattr(cfg, name), getattr(cfg, switch)
             acts = now > 0 if acts_with is None else now in acts_with
             if value != getattr(Config, name) and not acts:
-                needs = f"{flag(switch)} M (M > 0)" if acts_with is None else f"{flag(switch)} {' or '.join(acts_with)}"
-                raise CVLError(f"{flag(name)} {value} does nothing with {flag(switch)} {now}: add {needs}, or drop "
-                               f"the flag")
+                needs = "M (M > 0)" if acts_with is None else " or ".join(acts_with)
+                raise CVLError(f"{flag_name(name)} {value} does nothing with {flag_name(switch)} {now}: add "
+                               f"{flag_name(switch)} {needs}, or drop the flag")
     if cfg.batch_size < 2:
         raise CVLError(f"--batch-size {cfg.batch_size} leaves the critic no negatives (the other rows' goals); use "
                        f"2 or more (256 or 1024 as the presets)")
@@ -1516,11 +1519,11 @@ def config_from_dict(d: dict, config_cls=None):
     known = {f.name for f in dataclasses.fields(config_cls)}
     for name, (today, commit) in REMOVED_FIELDS.items() if config_cls is Config else ():
         if name in d and d.pop(name) != today:
-            raise CVLError(f"this run used --{name.replace('_', '-')}, which was removed from cvl.py; resume it "
+            raise CVLError(f"this run used {flag_name(name)}, which was removed from cvl.py; resume it "
                            f"with the cvl.py of commit {commit}")
     for (name, value), commit in REMOVED_VALUES.items() if config_cls is Config else ():
         if d.get(name) == value:
-            raise CVLError(f"this run used --{name.replace('_', '-')} {value}, which was removed from cvl.py; resume "
+            raise CVLError(f"this run used {flag_name(name)} {value}, which was removed from cvl.py; resume "
                            f"it with the cvl.py of commit {commit}")
     unknown = sorted(set(d) - known)
     if unknown:
@@ -1744,8 +1747,7 @@ def train(cfg: Config) -> dict:
     nets = make_networks(cfg, act_dim)
     algo = Algorithm("CVL", "cvl.py", lambda seeds: init_states(cfg, nets, seeds, obs_dim, act_dim),
                      make_train_fn(cfg, nets, mesh), env_policy(partial(eval_action, nets), env[0]),
-                     replicate(data, mesh),
-                     data_fingerprint(data))
+                     replicate(data, mesh), data_fingerprint(data))
     return run_training(algo, cfg, env, mesh, f"{len(data.anchors):,} transitions with a future")
 
 
@@ -1851,7 +1853,7 @@ def run_training(algo: Algorithm, cfg, env, mesh, about: str, on_new_run=None) -
                     if on_new_run is not None:
                         on_new_run(run_dir)
                     save_checkpoint(run_dir, state, cfg, log.rows, algo.name, algo.data_id)
-                    PROCESS["saved_step"] = int(np.max(to_host(state.step)))
+                    PROCESS["saved_step"] = 0  # a new run starts at step 0
             except WriteError:
                 if fresh:  # nothing to keep: leave no half-made run behind
                     cleanup.callback(shutil.rmtree, run_dir, ignore_errors=True)
@@ -2149,7 +2151,7 @@ def parse_args(argv: Sequence[str] | None = None, config_cls=None, prog: str = "
                     formatter_class=argparse.RawDescriptionHelpFormatter if config_cls is not Config else
                     argparse.HelpFormatter)
     for f in dataclasses.fields(config_cls):
-        name = "--" + f.name.replace("_", "-")
+        name = flag_name(f.name)
         kw = dict(help=f.metadata["help"], default=argparse.SUPPRESS)
         if f.type == "bool":
             parser.add_argument(name, action=argparse.BooleanOptionalAction, **kw)
@@ -2176,7 +2178,7 @@ def resume_config(run_dir: str, config_cls=None, algorithm: str = "CVL", **given
         if name == "dataset":  # the same file, however it is spelled
             same = Path(value).expanduser().resolve() == Path(saved.dataset).expanduser().resolve()
         if name not in may_change and not same:
-            raise CVLError(f"--{name.replace('_', '-')} {value} contradicts the run being resumed "
+            raise CVLError(f"{flag_name(name)} {value} contradicts the run being resumed "
                            f"({getattr(saved, name)}); drop the flag or start a new run")
     return dataclasses.replace(saved, resume=str(run_dir), **{k: v for k, v in given.items() if k in may_change})
 

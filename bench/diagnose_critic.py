@@ -231,14 +231,14 @@ def diagnose_td3bc(args) -> list[dict]:
     for i, seed in enumerate(seeds):
         critic = jax.tree.map(lambda x: x[i], state.critic)
         actor = jax.tree.map(lambda x: x[i], state.actor)
-        q_data, q_rand = (np.asarray(td3_bc.twin_q(nets, critic, (s - mean) / std, x)[0]) for x in (a, a_rand))
+        q_data, q_rand, q_near = (np.asarray(td3_bc.twin_q(nets, critic, (s - mean) / std, x)[0])
+                                  for x in (a, a_rand, a_near))
         result = dict(seed=seed, rows=rows, q=q_data, q_random=q_rand, corr=correlations(q_data, ret),
                       beats_random=float(np.mean(q_data > q_rand)))
         print(f"  seed {seed}: corr(Q_1, MC return) {show(result['corr'])} | Q(a_data) > Q(a_random) "
               f"{result['beats_random']:.3f}")
         if args.simulate:
             policy = jax.jit(lambda obs, actor=actor: td3_bc.policy(nets, actor, (obs - mean) / std))
-            q_near = np.asarray(td3_bc.twin_q(nets, critic, (s - mean) / std, a_near)[0])
             result["simulated"] = simulate_pairs(env_id, s, a, a_rand, a_near, q_data, q_rand, q_near, policy,
                                                  cfg.discount, args, "TD3+BC's critic")
         results.append(result)
