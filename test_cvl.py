@@ -2106,6 +2106,56 @@ def test_results_table_summarises_a_run_by_a_plain_computation(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 10_000
 
 
+def test_results_curves_csv_round_trips_into_a_later_table_as_a_reference(tmp_path, monkeypatch, capsys):
+    """report writes each run's seed-mean curve beside its table; --reference draws a committed curve beside new runs
+    (summarised from the CSV alone, minutes blank, its runs' own rows winning), and a bad file is one error line."""
+    results = import_bench("results")
+    curve = ([10_000, 20_000, 30_000, 40_000], [40.0, 50.0, 45.0, 47.0], [1.0, 2.0, 3.0, 0.5])
+    r = dict(**results.curve_summary(*curve), steps=40_000, seeds=3, minutes=10.0, train_minutes=8.0)
+    main = tmp_path / "main" / "hopper-medium-local.md"
+    main.parent.mkdir()
+    results.report({"TD3+BC": r, "BC": {**r, "seeds": 1}}, "hopper-medium-local", main)
+    ref = main.with_suffix(".csv")
+    back = results.read_curves(ref)
+    assert list(back) == ["TD3+BC", "BC"] and back["BC"]["seeds"] == 1 and back["TD3+BC"]["steps"] == 40_000
+    for got, want in zip(back["TD3+BC"]["curve"], curve):
+        np.testing.assert_allclose(got, want)
+    assert back["TD3+BC"]["final"] == (47.0, 0.5) and back["TD3+BC"]["best"] == (50.0, 2.0)
+    assert back["TD3+BC"]["late"] == pytest.approx((45.0 + 47.0) / 2)
+
+    runs = tmp_path / "runs"  # a later session: a new row ran, and a BC run exists here too (it wins over the CSV)
+    monkeypatch.setattr(results, "METHODS", [("BC", "bc", results.CVL, [], 1), ("new", "new", results.CVL, [], 3)])
+    for folder, score in (("bc", 60.0), ("new", 55.0)):
+        run = runs / "hopper-medium-local" / folder / "hopper-medium-local__s0__x"
+        run.mkdir(parents=True)
+        (run / "checkpoint.msgpack").write_bytes(b"x")
+        (run / "config.json").write_text(json.dumps({"num_seeds": 3}))
+        (run / "metrics.csv").write_text(f"step,wall_time,updates_per_sec,score,score_std\n1000,60,10,{score},1\n")
+    screen = tmp_path / "screen"
+    monkeypatch.setattr(sys, "argv", ["results.py", "--report-only", "--datasets", "hopper-medium-local", "--runs",
+                                      str(runs), "--tables", str(screen), "--reference", str(ref)])
+    results.main()
+    table = (screen / "hopper-medium-local.md").read_text()
+    assert "| TD3+BC (committed curve) | 40,000 | 3 | 47.0 +- 0.5 | 50.0 +- 2.0 | 46.0 |  |  |" in table
+    assert "| BC | 1,000 | 3 | 60.0 +- 1.0 |" in table and "| BC (committed curve)" not in table
+    assert str(ref) in table
+    written = results.read_curves(screen / "hopper-medium-local.csv")
+    assert list(written) == ["BC", "new"]  # the reference's curve stays in its own table's CSV
+
+    bad = tmp_path / "hopper-medium-local.csv"
+    for text in ("step,score\n1,2\n", "method,seeds,step,score,score_std\nBC,3,1000,high,1\n"):
+        bad.write_text(text)
+        monkeypatch.setattr(sys, "argv", ["results.py", "--report-only", "--reference", str(bad)])
+        with pytest.raises(SystemExit) as stop:
+            results.main()
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert stop.value.code == 2 and err.startswith("results.py: error: --reference ") and str(bad) in err
+    monkeypatch.setattr(sys, "argv", ["results.py", "--report-only", "--reference", str(tmp_path / "other.csv")])
+    with pytest.raises(SystemExit):
+        results.main()
+    assert "the file's name must be a dataset's" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------- TD3+BC
 def import_bench(name: str):
     sys.path.insert(0, str(HERE / "bench"))

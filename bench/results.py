@@ -41,6 +41,8 @@ METHODS = [
      "cvl-ac8-ddpg-ln", CVL, ["--action-negatives", "8", "--actor-objective", "ddpg", "--layer-norm"], 3),
     ("CVL, actions contrasted + AWR on the critic's own advantage (--action-negatives 8 --awr-advantage q)",
      "cvl-ac8-awrq", CVL, ["--action-negatives", "8", "--awr-advantage", "q"], 3),
+    ("CVL, contrastive TD with twin critics + DDPG+BC (--critic-loss td --critics 2 --actor-objective ddpg)",
+     "cvl-td2-ddpg", CVL, ["--critic-loss", "td", "--critics", "2", "--actor-objective", "ddpg"], 3),
     ("CVL, AWR on the critic's own advantage (--awr-advantage q --awr-beta 1.0)", "cvl-awr", CVL,
      ["--awr-advantage", "q", "--awr-beta", "1.0"], 3),
     ("CVL, paper's actor with the original code's Q (--actor-objective q --q-estimator diag --goal-reward goal)",
@@ -83,17 +85,60 @@ def run_method(folder: Path, script: Path, flags: list[str], seeds: int, dataset
 def summarise(run: Path) -> dict:
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     evals = [r for r in rows if r.get("score")]
-    score = np.array([float(r["score"]) for r in evals])
-    steps = np.array([int(r["step"]) for r in evals])
-    std = np.array([float(r.get("score_std") or 0.0) for r in evals])
-    best = int(np.argmax(score))
     cfg = json.loads((run / "config.json").read_text())
     done = np.diff([0] + [int(r["step"]) for r in rows])  # updates in each row's jitted call
     train_s = float(np.sum(done / np.array([float(r["updates_per_sec"]) for r in rows])))
-    return dict(steps=int(rows[-1]["step"]), seeds=cfg["num_seeds"], final=(score[-1], std[-1]),
-                best=(score[best], std[best]), late=score[steps > steps[-1] / 2].mean(),
-                minutes=float(rows[-1]["wall_time"]) / 60, train_minutes=train_s / 60, curve=(steps, score, std),
-                run=run)
+    return dict(**curve_summary([int(r["step"]) for r in evals], [float(r["score"]) for r in evals],
+                                [float(r.get("score_std") or 0.0) for r in evals]),
+                steps=int(rows[-1]["step"]), seeds=cfg["num_seeds"], minutes=float(rows[-1]["wall_time"]) / 60,
+                train_minutes=train_s / 60, run=run)
+
+
+def curve_summary(steps, score, std) -> dict:
+    """Final, best and 2nd-half mean of a seed-mean curve (evaluation steps, scores, their std over seeds)."""
+    steps, score, std = (np.asarray(v, dtype=float) for v in (steps, score, std))
+    best = int(np.argmax(score))
+    return dict(final=(score[-1], std[-1]), best=(score[best], std[best]), late=score[steps > steps[-1] / 2].mean(),
+                curve=(steps, score, std))
+
+
+CURVE_COLUMNS = ("method", "seeds", "step", "score", "score_std")
+
+
+def write_curves(results: dict[str, dict], path: Path) -> None:
+    """Each row's seed-mean curve as CSV beside its table, so a later session can draw it (--reference) after the
+    run folders are gone (they are not committed)."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CURVE_COLUMNS)
+        for name, r in results.items():
+            if "reference" in r:  # another table's curve: that table's CSV has it
+                continue
+            for step, score, std in zip(*r["curve"]):
+                w.writerow([name, r["seeds"], int(step), f"{score:.2f}", f"{std:.2f}"])
+
+
+def read_curves(path: Path) -> dict[str, dict]:
+    """The rows of a committed curves CSV (write_curves), summarised like runs; their minutes are unknown. A file
+    that is not one raises ValueError naming it."""
+    try:
+        rows = list(csv.DictReader(open(path)))
+        if not rows or set(CURVE_COLUMNS) - set(rows[0]):
+            raise ValueError(f"no rows with the columns {', '.join(CURVE_COLUMNS)}")
+        out = {}
+        for name in dict.fromkeys(r["method"] for r in rows):
+            mine = [r for r in rows if r["method"] == name]
+            out[name] = dict(**curve_summary(*([float(r[k]) for r in mine] for k in ("step", "score", "score_std"))),
+                             steps=int(mine[-1]["step"]), seeds=int(mine[-1]["seeds"]), minutes=None,
+                             train_minutes=None, reference=path)
+        return out
+    except (OSError, ValueError, TypeError) as e:  # missing, unreadable, not a curves CSV, a cell not a number
+        raise ValueError(f"--reference {path}: {e}; give the <dataset>.csv written beside a committed table, e.g. "
+                         "results/hopper-medium-local.csv") from None
+
+
+def minutes(m: float | None) -> str:
+    return "" if m is None else f"{m:.0f}"
 
 
 def report(results: dict[str, dict], dataset: str, out: Path, note: str = "") -> None:
@@ -117,12 +162,14 @@ def report(results: dict[str, dict], dataset: str, out: Path, note: str = "") ->
     # left: every row; right: the same curves zoomed on the band where CVL and BC differ
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw=dict(width_ratios=(3, 2)))
     for name, r in results.items():
+        name = f"{name} (committed curve)" if "reference" in r else name
         lines.append(f"| {name} | {r['steps']:,} | {r['seeds']} | {r['final'][0]:.1f} +- {r['final'][1]:.1f} | "
-                     f"{r['best'][0]:.1f} +- {r['best'][1]:.1f} | {r['late']:.1f} | {r['train_minutes']:.0f} | "
-                     f"{r['minutes']:.0f} |")
+                     f"{r['best'][0]:.1f} +- {r['best'][1]:.1f} | {r['late']:.1f} | {minutes(r['train_minutes'])} | "
+                     f"{minutes(r['minutes'])} |")
         x, y, s = r["curve"]
         for a in (ax, zoom):
-            line, = a.plot(x, y, marker="o", ms=3, label=f"{name} ({r['seeds']} seed{'s' * (r['seeds'] > 1)})")
+            label = f"{name} ({r['seeds']} seed{'s' * (r['seeds'] > 1)}{', committed curve' * ('reference' in r)})"
+            line, = a.plot(x, y, marker="o", ms=3, ls="--" if "reference" in r else "-", label=label)
             a.fill_between(x, y - s, y + s, alpha=0.2, color=line.get_color())
     for a in (ax, zoom):
         a.axhline(dataset_score, color="gray", ls="--", lw=1, label=f"dataset mean ({dataset_score})")
@@ -142,9 +189,15 @@ def report(results: dict[str, dict], dataset: str, out: Path, note: str = "") ->
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
+    write_curves(results, out.with_suffix(".csv"))
+    references = sorted({str(r["reference"]) for r in results.values() if "reference" in r})
     lines += ["", "Each row's steps are in the table. `python bench/results.py --steps N [--only FOLDER ...]` runs the "
               "rows (or extends them to N steps with --resume) and rewrites this file; run folders go to "
-              "`results/runs/` and are not committed.", *(["", note] if note else []), "",
+              "`results/runs/` and are not committed; each row's curve is in "
+              f"`{out.with_suffix('.csv').name}`.",
+              *([f"Rows marked '(committed curve)' are drawn from {', '.join(references)} (dashed; their runs are "
+                 "not on this machine, so their minutes are unknown)."] if references else []),
+              *(["", note] if note else []), "",
               f"![normalised score vs step]({out.with_suffix('.png').name})", ""]
     out.write_text("\n".join(lines))
     print("\n".join(lines))
@@ -160,9 +213,19 @@ def main():
                         "(e.g. results/screen-100k for a screen, so the main tables keep their rows)")
     parser.add_argument("--report-only", action="store_true", help="do not train; rebuild tables and plots")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--reference", nargs="*", type=Path, default=[], help="committed curves CSVs (the "
+                        "<dataset>.csv beside a table) whose rows are drawn beside the runs, dashed, where this "
+                        "machine has no run of that row, e.g. --reference results/hopper-medium-local.csv")
     parser.add_argument("--note", default="", help="a paragraph written under each table, e.g. where the runs "
                         "were trained when not all on this machine")
     args = parser.parse_args()
+    for path in args.reference:  # bad input is refused before hours of training, not after
+        if path.stem not in DATASETS:
+            parser.error(f"--reference {path}: the file's name must be a dataset's, one of {', '.join(DATASETS)}")
+        try:
+            read_curves(path)
+        except ValueError as e:
+            parser.error(str(e))
     for dataset in args.datasets:
         results = {}
         for name, folder, script, flags, seeds in METHODS:
@@ -172,6 +235,9 @@ def main():
             run = latest_run(where)
             if run is not None:
                 results[name] = summarise(run)
+        for path in args.reference:
+            if path.stem == dataset:
+                results.update({n: r for n, r in read_curves(path).items() if n not in results})
         if results:
             args.tables.mkdir(parents=True, exist_ok=True)
             report(results, dataset, args.tables / f"{dataset}.md", args.note)
