@@ -684,14 +684,15 @@ def logit_by_hand(nets, critic, s, a, g, absorbing) -> float:
     return float(np.exp(critic["log_scale"]) * cos + critic["bias"])
 
 
-@pytest.mark.parametrize("repr_norm", ["none", "unit"])
-def test_contrastive_td_loss_matches_a_plain_loop(repr_norm):
+@pytest.mark.parametrize("repr_norm, td_weights", [("none", "raw"), ("unit", "raw"), ("none", "normalized")])
+def test_contrastive_td_loss_matches_a_plain_loop(repr_norm, td_weights):
     """(1 - gamma) BCE(f(s, a, s'), 1) + mean_{j != i} [gamma w_ij BCE(f_ij, 1) + BCE(f_ij, 0)], with w from the
-    target critic at (s', a' ~ pi) and, after a fall, w = 1 / P(absorbing) on absorbing goals only."""
+    target critic at (s', a' ~ pi) (--td-weights normalized: divided by its mean over the row's other goals) and,
+    after a fall, w = 1 / P(absorbing) on absorbing goals only."""
     rng = np.random.default_rng(0)
     b, obs_dim, act_dim = 6, 3, 2
     cfg = cvl.make_config("cpu", hidden=(16,), repr_dim=4, critic_loss="td", gamma=0.8, td_max_weight=3.0,
-                          repr_norm=repr_norm)
+                          repr_norm=repr_norm, td_weights=td_weights)
     nets = cvl.make_networks(cfg, act_dim)
     state = cvl.init_state(jax.random.key(0), cfg, nets, obs_dim, act_dim)
     target = jax.tree.map(lambda x: x * 1.5 + 0.1, state.critic)  # a target different from the critic
@@ -716,6 +717,7 @@ def test_contrastive_td_loss_matches_a_plain_loop(repr_norm):
     total = 0.0
     for i in range(b):
         row = (1 - cfg.gamma) * bce(f(state.critic, s[i], a[i], nxt[i], False), 1)
+        ratios = [math.exp(f(target, nxt[i], next_a[i], g[k], absorbing[k])) for k in range(b) if k != i]
         for j in range(b):
             if j == i:
                 continue
@@ -724,6 +726,7 @@ def test_contrastive_td_loss_matches_a_plain_loop(repr_norm):
                 w = absorbing[j] / absorbing.mean()
             else:
                 w = math.exp(f(target, nxt[i], next_a[i], g[j], absorbing[j]))
+                w = w / np.mean(ratios) if td_weights == "normalized" else w
             row += (cfg.gamma * min(w, cfg.td_max_weight) * bce(fij, 1) + bce(fij, 0)) / (b - 1)
         total += row / b
     assert float(loss) == pytest.approx(total, rel=1e-4)
@@ -1340,6 +1343,8 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     (dict(awr_beta=2.0, actor_objective="q"), "--awr-beta 2.0 does nothing with --actor-objective q"),
     (dict(tau=0.01), "--tau 0.01 does nothing with --critic-loss nce: add --critic-loss td"),
     (dict(td_max_weight=5), "--td-max-weight 5.0 does nothing with --critic-loss nce"),
+    (dict(td_weights="normalized"), "--td-weights normalized does nothing with --critic-loss nce: add --critic-loss "
+                                    "td"),
     (dict(action_negatives=-1), "--action-negatives must be >= 0"),
     (dict(action_coef=2.0), "--action-coef 2.0 does nothing with --action-negatives 0: add --action-negatives M"),
     (dict(action_sampler="uniform"), "--action-sampler uniform does nothing with --action-negatives 0"),

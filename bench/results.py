@@ -43,6 +43,9 @@ METHODS = [
      "cvl-ac8-awrq", CVL, ["--action-negatives", "8", "--awr-advantage", "q"], 3),
     ("CVL, contrastive TD with twin critics + DDPG+BC (--critic-loss td --critics 2 --actor-objective ddpg)",
      "cvl-td2-ddpg", CVL, ["--critic-loss", "td", "--critics", "2", "--actor-objective", "ddpg"], 3),
+    ("CVL, contrastive TD with normalised bootstrap weights, twin critics + DDPG+BC (--critic-loss td --td-weights "
+     "normalized --critics 2 --actor-objective ddpg)", "cvl-td2n-ddpg", CVL,
+     ["--critic-loss", "td", "--td-weights", "normalized", "--critics", "2", "--actor-objective", "ddpg"], 3),
     ("CVL, AWR on the critic's own advantage (--awr-advantage q --awr-beta 1.0)", "cvl-awr", CVL,
      ["--awr-advantage", "q", "--awr-beta", "1.0"], 3),
     ("CVL, paper's actor with the original code's Q (--actor-objective q --q-estimator diag --goal-reward goal)",
