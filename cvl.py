@@ -962,8 +962,9 @@ def td_weights_normalized(f_next):
     """w_ij = exp(f_ij) / mean_{k != i} exp(f_ik): a density ratio p(g | s', a') / p(g) averages 1 over the marginal
     goals, so this keeps each row's bootstrapped future a distribution. Raw weights do not stay there: the positive
     s' puts mass (1 - gamma) on one point that no marginal goal g_j lands on, so the target's mean exp(f) over the
-    batch's goals comes out near gamma times the previous one, and the multi-step part of the future fades (measured:
-    mean weight 0.73 -> 0.16 in 27k steps on hopper-medium-local) until the critic is a one-step model."""
+    batch's goals comes out near gamma times the previous one, and the multi-step part of the future fades until the
+    critic is a one-step model (measured, --critics 2, cpu preset: the mean weight fell from 0.79 to 0.28 on
+    halfcheetah-medium-local and from 0.50 to 0.15 on hopper-medium-local between steps 5k and 30k)."""
     n = f_next.shape[1] - 1
     return n * jax.nn.softmax(off_diagonal(f_next), axis=1)  # the diagonal (row i's own goal) gets 0; it is masked
 
