@@ -2161,6 +2161,44 @@ def test_results_curves_csv_round_trips_into_a_later_table_as_a_reference(tmp_pa
     assert "the file's name must be a dataset's" in capsys.readouterr().err
 
 
+def test_mixed_dataset_appends_random_episodes_to_the_first_episodes_of_a_file(tmp_path, raw_small, capsys):
+    """bench/mixed_dataset.py: the file's first N episodes unchanged, then M episodes of uniform random actions that
+    replay in the simulator (their rewards are the env's), each ending by its time limit; a file without
+    next_observations gives a mix without them; a bad dataset is one error line, exit 2."""
+    mixed = import_bench("mixed_dataset")
+    src = write_hdf5(tmp_path / "src.hdf5", raw_small)  # 12 episodes of 60 steps
+    out = mixed.main([str(src), ENV_ID, str(tmp_path / "mix.hdf5"), "--episodes", "3", "--random-episodes", "2",
+                      "--length", "50", "--seed", "4"])
+    raw = cvl.read_dataset_file(out)
+    assert len(raw["rewards"]) == 3 * 60 + 2 * 50 and set(raw) == set(mixed.KEYS)
+    for k in mixed.KEYS:
+        np.testing.assert_array_equal(raw[k][:180], raw_small[k][:180])
+    noise = {k: v[180:] for k, v in raw.items()}
+    assert np.flatnonzero(noise["timeouts"]).tolist() == [49, 99] and not noise["terminals"].any()
+    assert np.abs(noise["actions"]).max() <= 1 and noise["actions"].std() == pytest.approx(1 / math.sqrt(3), abs=0.05)
+    assert len(np.unique(cvl.split_episodes(raw))) == 5
+    import gymnasium as gym
+
+    with cvl.quiet_env_creation():
+        env = gym.make(ENV_ID)  # the second random episode, replayed
+    obs, _ = env.reset(seed=4 * 100_000 + 1)
+    np.testing.assert_allclose(obs, noise["observations"][50], atol=1e-6)
+    for t in range(50, 100):
+        obs, reward, *_ = env.step(noise["actions"][t])
+        assert reward == pytest.approx(noise["rewards"][t], abs=1e-5)
+        np.testing.assert_allclose(obs, noise["next_observations"][t], atol=1e-5)
+    printed = capsys.readouterr().out
+    assert "180 transitions of the data" in printed and "+ 100 random" in printed
+
+    no_next = write_hdf5(tmp_path / "no_next.hdf5", {k: v for k, v in raw_small.items() if k != "next_observations"})
+    raw = cvl.read_dataset_file(mixed.main([str(no_next), ENV_ID, str(tmp_path / "m2.hdf5"), "--episodes", "2",
+                                            "--random-episodes", "1", "--length", "10"]))
+    assert "next_observations" not in raw and len(raw["rewards"]) == 130
+    with pytest.raises(SystemExit) as stop:
+        mixed.main([str(tmp_path / "missing.hdf5"), ENV_ID, str(tmp_path / "m3.hdf5")])
+    assert stop.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------- TD3+BC
 def import_bench(name: str):
     sys.path.insert(0, str(HERE / "bench"))
