@@ -2085,6 +2085,26 @@ def test_results_stops_in_one_line_when_a_run_is_stopped_and_resumes_it_next_tim
     assert calls[1][2:6] == ["--resume", str(run), "--steps", "300"]
 
 
+def test_results_makes_a_derived_dataset_on_first_use(tmp_path, monkeypatch, raw_small):
+    """A dataset made by a script (the mixed-quality one) is written before its first run and passed to it; a second
+    run uses the file as it is."""
+    results = import_bench("results")
+    src = write_hdf5(tmp_path / "src.hdf5", raw_small)
+    made = tmp_path / "data" / "mixed.hdf5"
+    monkeypatch.setitem(results.DATASETS, "mixed", (made, ENV_ID, 0.0))
+    monkeypatch.setitem(results.MAKE, "mixed", [str(src), ENV_ID, str(made), "--episodes", "2",
+                                                "--random-episodes", "1", "--length", "20"])
+    calls = []
+    monkeypatch.setattr(results.subprocess, "run", lambda cmd: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    args = SimpleNamespace(steps=300, quiet=True)
+    results.run_method(tmp_path / "a", results.CVL, [], 1, "mixed", args)
+    assert len(cvl.read_dataset_file(made)["rewards"]) == 2 * 60 + 20
+    assert calls[0][calls[0].index("--dataset") + 1] == str(made)
+    stamp = made.stat().st_mtime_ns
+    results.run_method(tmp_path / "b", results.CVL, [], 1, "mixed", args)
+    assert made.stat().st_mtime_ns == stamp and len(calls) == 2
+
+
 def test_results_table_summarises_a_run_by_a_plain_computation(tmp_path):
     """summarise: final, best and 2nd-half mean from the evaluation rows; train minutes = sum of each call's updates
     over its updates/s (pauses and evaluations excluded); the table and plot are written with those numbers."""

@@ -26,6 +26,13 @@ DATASETS = {
     "halfcheetah-medium-local": (SHARED / "halfcheetah_medium-local.hdf5", "HalfCheetah-v4", 41.9),
     "hopper-medium-local": (SHARED / "hopper_medium-local.hdf5", "Hopper-v4", 44.8),
 }
+LOCAL = list(DATASETS)  # the default tables: the shared datasets
+# Datasets made from those by a script, on first use, into results/data/ (not committed): label -> its arguments
+MADE = ROOT / "results" / "data"
+DATASETS["halfcheetah-mixed-local"] = (MADE / "halfcheetah_mixed-local.hdf5", "HalfCheetah-v4", 21.0)
+MAKE = {"halfcheetah-mixed-local": [str(SHARED / "halfcheetah_medium-local.hdf5"), "HalfCheetah-v4",
+                                    str(DATASETS["halfcheetah-mixed-local"][0]), "--episodes", "300",
+                                    "--random-episodes", "300", "--seed", "0"]}  # bench/mixed_dataset.py
 CVL, TD3BC = ROOT / "cvl.py", ROOT / "bench" / "td3_bc.py"
 # (method, folder, script, extra flags, seeds). Everything else is cvl.py's cpu preset, or TD3+BC's published settings.
 METHODS = [
@@ -74,6 +81,11 @@ def run_method(folder: Path, script: Path, flags: list[str], seeds: int, dataset
         cmd = ["--resume", str(run), "--steps", str(args.steps)]
     else:
         path, eval_env, _ = DATASETS[dataset]
+        if not path.exists() and dataset in MAKE:
+            import mixed_dataset
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            mixed_dataset.main(MAKE[dataset])
         preset = ["--preset", "cpu"] if script == CVL else []
         cmd = ["--dataset", str(path), "--eval-env", eval_env, *preset, "--steps", str(args.steps),
                "--num-seeds", str(seeds), "--seed", "0", "--out", str(folder), *flags]
@@ -209,7 +221,9 @@ def report(results: dict[str, dict], dataset: str, out: Path, note: str = "") ->
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300_000, help="gradient steps per run")
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS), help="which tables")
+    parser.add_argument("--datasets", nargs="+", default=LOCAL, choices=list(DATASETS), help="which tables (default: "
+                        "the two shared datasets; halfcheetah-mixed-local, half random episodes, is made on first use "
+                        "by bench/mixed_dataset.py)")
     parser.add_argument("--runs", type=Path, default=ROOT / "results" / "runs", help="where run folders go")
     parser.add_argument("--only", nargs="*", default=None, help="folders to run (default: all), e.g. cvl bc td3bc")
     parser.add_argument("--tables", type=Path, default=ROOT / "results", help="where <dataset>.md and .png go "
