@@ -1333,6 +1333,7 @@ def quiet_env_creation():
     both are noise here (D4RL's data matches the v4 models), so hide them while envs are made."""
     sys.stderr.flush()
     saved = os.dup(2)
+    PROCESS["stderr_fd"] = saved  # where a stop's line goes meanwhile (stop_process)
     try:
         with open(os.devnull, "w") as devnull, warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -1340,6 +1341,7 @@ def quiet_env_creation():
             yield
     finally:
         os.dup2(saved, 2)
+        PROCESS.pop("stderr_fd", None)
         os.close(saved)
 
 
@@ -2041,7 +2043,9 @@ def stop_process(signum: int, prefix: str) -> None:
         what = f"run {run_dir} is unchanged"
     else:
         what = f"run {run_dir} is saved at step {step}; continue with: python {PROCESS['script']} --resume {run_dir}"
-    print(f"{prefix}: stopped by {signal.Signals(signum).name}; {what}", file=sys.stderr, flush=True)
+    line = f"{prefix}: stopped by {signal.Signals(signum).name}; {what}\n"
+    sys.stderr.flush()
+    os.write(PROCESS.get("stderr_fd", 2), line.encode())  # the real stderr, also while an env is made (hidden)
     exit_now(128 + signum)
 
 

@@ -1485,6 +1485,17 @@ def stop_cli_when(args, ready, sig, tmp_path, timeout=300):
     return proc.returncode, err, time.monotonic() - sent
 
 
+def test_a_stop_while_an_env_is_made_still_says_so(tmp_path):
+    """Env creation hides the process's stderr (quiet_env_creation); a stop landing then must still print its line
+    (it once went to /dev/null: exit 130 and no message)."""
+    code = ("import os, signal, sys, time; sys.path.insert(0, %r); import cvl; cvl.guard_stops('cvl')\n"
+            "with cvl.quiet_env_creation():\n"
+            "    print('hidden', file=sys.stderr, flush=True); os.kill(os.getpid(), signal.SIGINT); time.sleep(5)\n"
+            % str(HERE))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130 and proc.stderr.strip() == "cvl: stopped by SIGINT; nothing was written", proc.stderr
+
+
 def test_a_stop_at_any_moment_is_one_line_within_seconds_and_keeps_what_was_written(tmp_path, dataset,
                                                                                      finished_run):
     """Start-up (libraries loading), the first compile (the run's step-0 checkpoint just written), the training
