@@ -84,8 +84,7 @@ def main(argv=None):
     rows, ret, rng = pick_rows(data, cfg.gamma, b, args)
     n_rows = len(rows)
     s, a = data.observations[rows], data.actions[rows]
-    a_rand = jnp.asarray(rng.uniform(-1, 1, a.shape), jnp.float32)
-    a_near = jnp.asarray(np.clip(np.asarray(a) + args.near * rng.standard_normal(a.shape), -1, 1), jnp.float32)
+    a_rand, a_near = other_actions(a, rng, args.near)
     batch = cvl.batch_at(data, jax.random.key(args.seed), jnp.asarray(rows), cfg.gamma, cfg.goal_reward)
     goals, absorbing, r_g = batch.goals, batch.absorbing, batch.goal_rewards
     batch_again = cvl.batch_at(data, jax.random.key(args.seed + 1), jnp.asarray(rows), cfg.gamma, cfg.goal_reward)
@@ -175,6 +174,13 @@ def pick_rows(data: cvl.Data, gamma: float, b: int, args):
     return rows, ret[rows], rng
 
 
+def other_actions(a, rng, near: float):
+    """The actions each row's data action a is compared with: uniform in [-1, 1], and near it (a + N(0, near^2),
+    clipped), drawn in that order from rng."""
+    a_rand = jnp.asarray(rng.uniform(-1, 1, a.shape), jnp.float32)
+    return a_rand, jnp.asarray(np.clip(np.asarray(a) + near * rng.standard_normal(a.shape), -1, 1), jnp.float32)
+
+
 def simulate_pairs(env_id, s, a, a_rand, a_near, q_data, q_rand, q_near, policy, gamma, args, critic_name: str) -> dict:
     """The first --simulate rows in the simulator: the data's action, a random one, one near the data's (a + N(0,
     --near^2), clipped) and the policy's own first action, then the policy. Whether the critic (its Q of the rows at
@@ -224,8 +230,7 @@ def diagnose_td3bc(args) -> list[dict]:
     mean, std = jnp.asarray(norm["mean"], jnp.float32), jnp.asarray(norm["std"], jnp.float32)
     rows, ret, rng = pick_rows(data, cfg.discount, cfg.batch_size, args)
     s, a = data.observations[rows], data.actions[rows]
-    a_rand = jnp.asarray(rng.uniform(-1, 1, a.shape), jnp.float32)
-    a_near = jnp.asarray(np.clip(np.asarray(a) + args.near * rng.standard_normal(a.shape), -1, 1), jnp.float32)
+    a_rand, a_near = other_actions(a, rng, args.near)
     print(f"{args.run}: TD3+BC, step {payload['step']}, {len(rows)} rows, MC return mean {ret.mean():.1f}")
     results = []
     for i, seed in enumerate(seeds):

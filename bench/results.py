@@ -236,11 +236,12 @@ def main():
     parser.add_argument("--note", default="", help="a paragraph written under each table, e.g. where the runs "
                         "were trained when not all on this machine")
     args = parser.parse_args()
-    for path in args.reference:  # bad input is refused before hours of training, not after
+    references = {}  # dataset -> its committed curves; read (and bad input refused) before hours of training
+    for path in args.reference:
         if path.stem not in DATASETS:
             parser.error(f"--reference {path}: the file's name must be a dataset's, one of {', '.join(DATASETS)}")
         try:
-            read_curves(path)
+            references.setdefault(path.stem, {}).update(read_curves(path))
         except ValueError as e:
             parser.error(str(e))
     for dataset in args.datasets:
@@ -252,9 +253,7 @@ def main():
             run = latest_run(where)
             if run is not None:
                 results[name] = summarise(run)
-        for path in args.reference:
-            if path.stem == dataset:
-                results.update({n: r for n, r in read_curves(path).items() if n not in results})
+        results.update({n: r for n, r in references.get(dataset, {}).items() if n not in results})
         if results:
             args.tables.mkdir(parents=True, exist_ok=True)
             report(results, dataset, args.tables / f"{dataset}.md", args.note)
