@@ -2112,6 +2112,21 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
             assert retest["corr"][0] == pytest.approx(np.corrcoef(retest["a"], retest["a_again"])[0, 1], abs=1e-6)
             assert sim[f"advantage_{name}_corr"][0] == pytest.approx(
                 np.corrcoef(sim[f"advantage_{name}"], sim["g_data"] - sim["g_policy"])[0, 1], abs=1e-6)
+        # the action sensitivity: dQ/da by central differences, row by row (a row's Q depends on its own action only)
+        full = cvl.batch_at(data, jax.random.key(0), jnp.asarray(r["rows"]), cfg.gamma, cfg.goal_reward)
+        fd = []
+        for k in range(0, 128, cfg.batch_size):
+            sl = slice(k, k + cfg.batch_size)
+            psi_k = cvl.goal_features(nets, critic, full.goals[sl], full.absorbing[sl])
+            q_at = lambda x: np.asarray(cvl.q_estimate(nets, critic, full.observations[sl], x, psi_k,  # noqa: E731
+                                                       full.goal_rewards[sl], cfg), np.float64)
+            a_k, step = np.asarray(full.actions[sl]), 1e-2 * np.eye(act_dim, dtype=np.float32)
+            fd.append(np.stack([(q_at(a_k + step[d]) - q_at(a_k - step[d])) / 2e-2 for d in range(act_dim)], axis=1))
+        rms = np.sqrt(np.mean(np.concatenate(fd) ** 2))
+        sens, q_own = r["sensitivity"], r["normalized"]["q"]
+        assert sens["grad_rms"] == pytest.approx(rms, rel=0.05)
+        assert sens["per_mean_abs_q"] == pytest.approx(sens["grad_rms"] / np.abs(q_own).mean(), rel=1e-6)
+        assert sens["per_std_q"] == pytest.approx(sens["grad_rms"] / np.std(q_own), rel=1e-6)
         # G(a_policy): the seed's own policy from the restored state, by a plain loop
         import gymnasium as gym
         with cvl.quiet_env_creation():
@@ -2432,6 +2447,14 @@ def test_td3_bc_cli_trains_evaluates_and_resumes(tmp_path, dataset):
         q1 = np.asarray(nets.critic.apply(jax.tree.map(lambda x: x[0], critic), sa))[:, 0]
         np.testing.assert_allclose(r["q"], q1, rtol=1e-4, atol=1e-5)
         assert r["beats_random"] == np.mean(r["q"] > r["q_random"])
+        q1_at = lambda x: np.asarray(nets.critic.apply(jax.tree.map(lambda y: y[0], critic),  # noqa: E731
+                                                       np.concatenate([s, x], 1).astype(np.float32)))[:, 0]
+        a = np.asarray(data.actions)[r["rows"]]
+        fd = np.stack([(q1_at(a + 1e-2 * np.eye(act_dim)[d]) - q1_at(a - 1e-2 * np.eye(act_dim)[d])) / 2e-2
+                       for d in range(act_dim)], axis=1)
+        assert r["sensitivity"]["grad_rms"] == pytest.approx(np.sqrt(np.mean(fd ** 2)), rel=0.05)
+        assert r["sensitivity"]["per_mean_abs_q"] == pytest.approx(r["sensitivity"]["grad_rms"] / np.abs(q1).mean(),
+                                                                   rel=1e-6)
         sim = r["simulated"]
         assert sim["agree"] == np.mean((r["q"][:8][sim["ok"]] > r["q_random"][:8][sim["ok"]]) ==
                                        (sim["g_data"] > sim["g_random"]))

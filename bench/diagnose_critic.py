@@ -129,6 +129,11 @@ def main(argv=None):
             print(f"   {mark}{name:>10}: corr(Q, MC return) {show(result[name]['corr'])} | "
                   f"Q(a_data) > Q(a_random) {result[name]['beats_random']:.3f} | Q mean {q_data.mean():.3g}")
 
+        own_q = result[cfg.q_estimator]["q"]
+        grad = per_batch(lambda sl: jax.grad(lambda x: cvl.q_estimate(nets, critic, s[sl], x, psi(sl), r_g[sl],
+                                                                       cfg).sum())(a[sl]))
+        result["sensitivity"] = action_sensitivity(grad, own_q)
+
         def advantage(name, bt, key):  # an AWR advantage of the rows' data actions, as training computes it
             cfg_a = dataclasses.replace(cfg, awr_advantage=name)
             return per_batch(lambda sl: cvl.awr_advantage(nets, critic, actor, psi(sl, bt),
@@ -238,16 +243,30 @@ def diagnose_td3bc(args) -> list[dict]:
         actor = jax.tree.map(lambda x: x[i], state.actor)
         q_data, q_rand, q_near = (np.asarray(td3_bc.twin_q(nets, critic, (s - mean) / std, x)[0])
                                   for x in (a, a_rand, a_near))
+        grad = np.asarray(jax.grad(lambda x: td3_bc.twin_q(nets, critic, (s - mean) / std, x)[0].sum())(a))
         result = dict(seed=seed, rows=rows, q=q_data, q_random=q_rand, corr=correlations(q_data, ret),
                       beats_random=float(np.mean(q_data > q_rand)))
         print(f"  seed {seed}: corr(Q_1, MC return) {show(result['corr'])} | Q(a_data) > Q(a_random) "
               f"{result['beats_random']:.3f}")
+        result["sensitivity"] = action_sensitivity(grad, q_data)
         if args.simulate:
             policy = jax.jit(lambda obs, actor=actor: td3_bc.policy(nets, actor, (obs - mean) / std))
             result["simulated"] = simulate_pairs(env_id, s, a, a_rand, a_near, q_data, q_rand, q_near, policy,
                                                  cfg.discount, args, "TD3+BC's critic")
         results.append(result)
     return results
+
+
+def action_sensitivity(grad: np.ndarray, q: np.ndarray) -> dict:
+    """How hard a DDPG+BC step (bench/td3_bc.py's, or --actor-objective ddpg) is pushed off the data's actions: the
+    rms over rows and action dims of dQ/da at the data's actions, relative to mean |Q| (the step's lambda is alpha /
+    mean |Q|, so this times alpha is the push the BC term has to balance) and to the std of Q over the rows (the
+    critic's own scale between states). Prints a line."""
+    rms = float(np.sqrt(np.mean(np.asarray(grad, np.float64) ** 2)))
+    out = dict(grad_rms=rms, per_mean_abs_q=rms / float(np.abs(q).mean()), per_std_q=rms / float(np.std(q)))
+    print(f"    action sensitivity at the data's actions: rms dQ/da / mean|Q| {out['per_mean_abs_q']:.4f}, "
+          f"/ std(Q) over the rows {out['per_std_q']:.3f}")
+    return out
 
 
 def restore(env, obs: np.ndarray) -> bool:
