@@ -2173,8 +2173,7 @@ def test_simulated_returns_restore_dataset_states_and_replay_their_rewards(raw_s
 def test_results_stops_in_one_line_when_a_run_is_stopped_and_resumes_it_next_time(tmp_path, monkeypatch):
     results = import_bench("results")
     calls = []
-    monkeypatch.setattr(results.subprocess, "run",
-                        lambda cmd: calls.append(cmd) or subprocess.CompletedProcess(cmd, 143))
+    monkeypatch.setattr(results, "run_to_end", lambda cmd: calls.append(cmd) or 143)
     args = SimpleNamespace(steps=300, quiet=True)
     with pytest.raises(SystemExit, match=r"cvl stopped with exit code 143; .* the same command resumes it"):
         results.run_method(tmp_path / "cvl", results.CVL, ["--awr-beta", "1.0"], 3, "hopper-medium-local", args)
@@ -2188,6 +2187,38 @@ def test_results_stops_in_one_line_when_a_run_is_stopped_and_resumes_it_next_tim
     assert calls[1][2:6] == ["--resume", str(run), "--steps", "300"]
 
 
+SAVING_CHILD = """
+import pathlib, signal, sys, time
+def stop(signum, _):
+    pathlib.Path(sys.argv[1]).write_text(str(signum))  # what a run does: save its last step, then exit 128 + signum
+    sys.exit(128 + signum)
+signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGTERM, stop)
+pathlib.Path(sys.argv[1] + ".ready").write_text("")
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_results_passes_a_stop_on_to_the_run_and_waits_for_it_to_save(tmp_path, sig):
+    """A SIGINT or SIGTERM sent to results.py alone reaches the training process, which saves and exits; results.py
+    gets its exit code (and then prints its one line), where it used to kill the run unsaved."""
+    results = import_bench("results")
+    saved = tmp_path / "saved"
+
+    def stop_when_ready():
+        deadline = time.time() + 30
+        while not Path(str(saved) + ".ready").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), sig)
+
+    before = signal.getsignal(sig)
+    threading.Thread(target=stop_when_ready, daemon=True).start()
+    code = results.run_to_end([sys.executable, "-c", SAVING_CHILD, str(saved)])
+    assert code == 128 + sig and saved.read_text() == str(int(sig))
+    assert signal.getsignal(sig) is before  # this process's own handling is back
+
+
 def test_results_makes_a_derived_dataset_on_first_use(tmp_path, monkeypatch, raw_small):
     """A dataset made by a script (the mixed-quality one) is written before its first run and passed to it; a second
     run uses the file as it is."""
@@ -2198,7 +2229,7 @@ def test_results_makes_a_derived_dataset_on_first_use(tmp_path, monkeypatch, raw
     monkeypatch.setitem(results.MAKE, "mixed", [str(src), ENV_ID, str(made), "--episodes", "2",
                                                 "--random-episodes", "1", "--length", "20"])
     calls = []
-    monkeypatch.setattr(results.subprocess, "run", lambda cmd: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.setattr(results, "run_to_end", lambda cmd: calls.append(cmd) or 0)
     args = SimpleNamespace(steps=300, quiet=True)
     results.run_method(tmp_path / "a", results.CVL, [], 1, "mixed", args)
     assert len(cvl.read_dataset_file(made)["rewards"]) == 2 * 60 + 20

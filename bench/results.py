@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -95,10 +96,25 @@ def run_method(folder: Path, script: Path, flags: list[str], seeds: int, dataset
                "--num-seeds", str(seeds), "--seed", "0", "--out", str(folder), *flags]
     cmd = [sys.executable, str(script), *cmd, *(["--no-progress"] if args.quiet else [])]
     print("results: running", " ".join(cmd), flush=True)
-    code = subprocess.run(cmd).returncode
+    code = run_to_end(cmd)
     if code != 0:  # stopped (Ctrl-C, SIGTERM: the run saved its last step) or failed (its own error line is above)
         raise SystemExit(f"results: {folder} stopped with exit code {code}; what it saved is kept, and the same "
                          "command resumes it")
+
+
+def run_to_end(cmd: list[str]) -> int:
+    """Run a training process and return its exit code. A SIGINT or SIGTERM sent to this script is passed on to it
+    and waited for, so the run saves its last finished step and says how to continue: a Ctrl-C in a terminal
+    reaches both processes anyway, but a stop sent to this script alone used to kill the run unsaved (subprocess.run
+    kills its child when interrupted) and print a traceback."""
+    proc = subprocess.Popen(cmd)
+    previous = {sig: signal.signal(sig, lambda signum, _: proc.send_signal(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def summarise(run: Path) -> dict:
