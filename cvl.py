@@ -126,11 +126,6 @@ class Config(RunConfig):
                                 "trained beside the critic, so the optimum stays f = log p(g|s,a)/p(g) up to a "
                                 "function of (s, g) and Q keeps its meaning; uniform: U[-1, 1], which adds "
                                 "log pi_beta(a|s) to f (an ablation: a biased critic).", choices=("bc", "uniform"))
-    q_head: str = _flag("none", "none: Q is the contrastive critic's readout (the paper's); onestep: Q is a network "
-                        "q(s, a) regressed onto (1 - gamma) r + gamma V(s'), the one-step backup of the contrastive "
-                        "critic's state value V (no bootstrapping of q itself), so the action's effect comes from the "
-                        "data's reward and next state, which the critic ranks well; every actor objective reads Q "
-                        "from it.", choices=("none", "onestep"))
     layer_norm: bool = _flag(False, "LayerNorm after every hidden layer of phi and psi (as ReBRAC and Zheng et al. "
                              "2023's stable contrastive RL).")
     tau: float = _flag(0.005, "With --critic-loss td: Polyak step of the target critic.")
@@ -320,10 +315,6 @@ def check_config(cfg: Config) -> None:
         raise CVLError("--goal-reward goal leaves r_t out of Q, so the TD advantage (1 - gamma) r_t + gamma V(s') - "
                        "V(s) would count it where V does not; use --goal-reward arrival (the default) with it, or "
                        "--awr-advantage q, or another --actor-objective")
-    if cfg.q_head == "onestep" and (cfg.q_estimator != "normalized" or cfg.goal_reward == "goal"):
-        raise CVLError("--q-head onestep adds r to V, so V must be in the reward's units and leave r_t out, which "
-                       f"--q-estimator {cfg.q_estimator} --goal-reward {cfg.goal_reward} does not; use the defaults "
-                       "(--q-estimator normalized --goal-reward arrival) with it")
     if cfg.actor_objective == "awr" and cfg.awr_advantage == "td" and cfg.q_estimator != "normalized":
         raise CVLError(f"--awr-advantage td adds r to Q, so Q must be in the reward's units, which --q-estimator "
                        f"{cfg.q_estimator} is not; use --q-estimator normalized (the default) or the paper's actor "
@@ -805,14 +796,12 @@ class Networks(NamedTuple):
     phi: MLP  # (s, a) -> repr_dim
     psi: MLP  # g -> repr_dim
     actor: MLP  # s -> (mean, pre-softplus std) of the Gaussian before tanh
-    q_head: MLP  # (s, a) -> Q, with --q-head onestep
 
 
 def make_networks(cfg: Config, act_dim: int) -> Networks:
     encoder = partial(MLP, cfg.hidden, cfg.repr_dim, nn.initializers.glorot_uniform(),  # as the original code
                       layer_norm=cfg.layer_norm)
-    return Networks(phi=encoder(), psi=encoder(), actor=MLP(cfg.hidden, 2 * act_dim, nn.initializers.lecun_uniform()),
-                    q_head=MLP(cfg.hidden, 1))
+    return Networks(phi=encoder(), psi=encoder(), actor=MLP(cfg.hidden, 2 * act_dim, nn.initializers.lecun_uniform()))
 
 
 def unit(x):
@@ -1053,49 +1042,13 @@ def q_diag(f, r):
 Q_ESTIMATORS = {"normalized": q_normalized, "marginal": q_marginal, "diag": q_diag}
 
 
-def q_readout(nets: Networks, critic, s, a, psi, goal_rewards, cfg: Config):
-    """Q(s, a) without TD: exp(f) estimates p(g | s, a) / p(g), so it re-weights the rewards of future states."""
-    return Q_ESTIMATORS[cfg.q_estimator](pair_logits(critic, sa_features(nets, critic, s, a), psi), goal_rewards)
-
-
 def q_estimate(nets: Networks, critic, s, a, psi, goal_rewards, cfg: Config):
-    """The Q every actor objective reads: the contrastive readout, or with --q-head onestep the one-step head.
+    """Q(s, a) without TD: exp(f) estimates p(g | s, a) / p(g), so it re-weights the rewards of future states.
     With several critics (psi then has their axis too), the minimum of their estimates."""
     if is_ensemble(critic):
         q = jax.vmap(lambda c, p: q_estimate(nets, c, s, a, p, goal_rewards, cfg))(critic, psi)
         return q.min(axis=0)
-    if "q_head" in critic:
-        return q_head(nets, critic, s, a)
-    return q_readout(nets, critic, s, a, psi, goal_rewards, cfg)
-
-
-# The one-step head (--q-head onestep). The contrastive critic ranks states well and actions hardly at all: at gamma
-# 0.99 what an action changes about the far future is a small part of log p(g|s,a)/p(g). But Q(s, a) = (1 - gamma)
-# r(s, a) + gamma E[V(s') | s, a] (in the readout's units), and the action's effect on that is carried by the data's
-# own reward and next state, whose values the critic does rank. So a network q(s, a) is regressed onto
-# (1 - gamma) r + gamma V(s'), V(s') = mean of the readout at a few policy actions (0 after a fall), with the critic
-# held fixed: the regression averages the readout's noise over the data, and generalises across actions as a TD
-# critic does, while its target never contains q itself (no bootstrapping, no overestimation feedback).
-def q_head(nets: Networks, critic, s, a):
-    return nets.q_head.apply(critic["q_head"], jnp.concatenate([s, a], axis=-1))[..., 0]
-
-
-def one_step_target(nets: Networks, critic, actor, psi, batch: Batch, key, cfg: Config):
-    """(1 - gamma) r + gamma V(s'), with V from the contrastive readout held fixed and V(s') = 0 after a fall."""
-    critic, psi = jax.lax.stop_gradient((critic, psi))
-    q_of = partial(q_readout, nets, critic, psi=psi, goal_rewards=batch.goal_rewards, cfg=cfg)
-    s_next = batch.next_observations
-    dist = jax.lax.stop_gradient(actor_dist(nets, actor, s_next, cfg))
-    return (1 - cfg.gamma) * batch.rewards + cfg.gamma * jnp.where(batch.done, 0.0, state_value(q_of, s_next, *dist,
-                                                                                                   key))
-
-
-def with_q_head(loss_fn, critic, state, batch, key, cfg, nets, shard):
-    """loss_fn's loss plus the one-step head's squared error against one_step_target."""
-    loss, (metrics, psi) = loss_fn(critic, state, batch, key, cfg, nets, shard)
-    target = one_step_target(nets, critic, state.actor, psi, batch, jax.random.fold_in(key, 13), cfg)
-    head_loss = jnp.mean((q_head(nets, critic, batch.observations, batch.actions) - target) ** 2)
-    return loss + head_loss, ({**metrics, "q_head_loss": head_loss, "q_head_target": target.mean()}, psi)
+    return Q_ESTIMATORS[cfg.q_estimator](pair_logits(critic, sa_features(nets, critic, s, a), psi), goal_rewards)
 
 
 # Actor objectives. Each maps (actor params, frozen critic, the batch's goal features psi) to (loss, metrics).
@@ -1230,8 +1183,6 @@ def init_critic(k_phi, k_psi, cfg: Config, nets: Networks, obs_dim: int, act_dim
               "psi": nets.psi.init(k_psi, jnp.zeros((1, obs_dim))), "absorbing": jnp.zeros(cfg.repr_dim)}
     if cfg.action_negatives > 0 and cfg.action_sampler == "bc":  # the behaviour model, the actor's architecture
         critic["behavior"] = nets.actor.init(jax.random.fold_in(k_phi, 2), jnp.zeros((1, obs_dim)))
-    if cfg.q_head == "onestep":
-        critic["q_head"] = nets.q_head.init(jax.random.fold_in(k_phi, 3), jnp.zeros((1, obs_dim + act_dim)))
     if cfg.repr_norm == "unit":  # SigLIP's start: scale 10, and a bias at the log-odds of a positive, 1 / (B - 1)
         critic.update(absorbing=jax.random.normal(jax.random.fold_in(k_psi, 1), (cfg.repr_dim,)),
                       log_scale=jnp.asarray(math.log(10.0)), bias=jnp.asarray(-math.log(cfg.batch_size - 1)))
@@ -1277,8 +1228,6 @@ def critic_loss(critic, state: TrainState, batch: Batch, key, cfg: Config, nets:
     loss_fn = CRITIC_LOSSES[cfg.critic_loss]
     if cfg.action_negatives > 0:
         loss_fn = partial(with_action_contrast, loss_fn)
-    if cfg.q_head == "onestep":
-        loss_fn = partial(with_q_head, loss_fn)
     if not is_ensemble(critic):
         return loss_fn(critic, state, batch, key, cfg, nets, shard)
     losses, (metrics, psi) = jax.vmap(lambda c: loss_fn(c, state, batch, key, cfg, nets, shard))(critic)
@@ -1581,11 +1530,11 @@ def load_checkpoint(path: Path, config_cls=None, algorithm: str = "CVL") -> dict
 
 
 # Fields added after runs were saved, with the behaviour those runs had, so old runs resume unchanged.
-ADDED_FIELDS = {"goal_reward": "goal", "actor_objective": "q", "awr_advantage": "q", "td_weights": "raw",
-                "q_head": "none"}
+ADDED_FIELDS = {"goal_reward": "goal", "actor_objective": "q", "awr_advantage": "q", "td_weights": "raw"}
 # Variants removed (docs/experiments.md says why): field -> (the value that is today's behaviour, the last commit
 # that had the others). A run saved with today's behaviour resumes; one that used the variant is refused.
-REMOVED_FIELDS = {"conservative": (0.0, "d9bb3c9"), "density_ratio": ("raw", "d9bb3c9")}
+REMOVED_FIELDS = {"conservative": (0.0, "d9bb3c9"), "density_ratio": ("raw", "d9bb3c9"),
+                  "q_head": ("none", "354f436")}
 REMOVED_VALUES = {("critic_loss", "infonce"): "d9bb3c9"}
 
 

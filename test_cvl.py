@@ -471,9 +471,11 @@ def test_missing_corrupt_and_unknown_inputs_fail_clearly(tmp_path, dataset):
     assert cvl.config_from_dict(dataclasses.asdict(cvl.Config())).goal_reward == "arrival"
     # a removed variant: a run saved with today's behaviour resumes, one that used the variant is refused
     today = dataclasses.asdict(cvl.Config())
-    assert cvl.config_from_dict({**today, "conservative": 0.0, "density_ratio": "raw"}) == cvl.Config()
+    assert cvl.config_from_dict({**today, "conservative": 0.0, "density_ratio": "raw", "q_head": "none"}) == \
+        cvl.Config()
     for saved, flag in [({**today, "conservative": 1.0}, "--conservative"),
                         ({**today, "density_ratio": "corrected"}, "--density-ratio"),
+                        ({**today, "q_head": "onestep"}, "--q-head"),
                         ({**today, "critic_loss": "infonce"}, "--critic-loss infonce")]:
         with pytest.raises(cvl.CVLError, match=f"this run used {flag}, which was removed .* commit [0-9a-f]{{7}}"):
             cvl.config_from_dict(saved)
@@ -904,80 +906,6 @@ def test_awr_with_the_td_advantage_follows_the_datas_rewards_not_the_critics_act
     assert first_action("td") < -0.3 and first_action("q") > 0.3
 
 
-def test_one_step_head_target_against_a_plain_loop_and_its_loss_leaves_the_critic_alone(raw_small):
-    """--q-head onestep regresses q(s, a) onto (1 - gamma) r + gamma V(s'), V(s') the contrastive readout at the
-    policy's action (std ~0 here), sum_{j != i} softmax_j(f(s'_i, a', g_j)) r_j, and 0 after a fall; the head's loss
-    moves only the head, and the critic's Q becomes the head's (the minimum over twins)."""
-    b, gamma = 16, 0.8
-    cfg = cvl.make_config("cpu", hidden=(16,), repr_dim=4, batch_size=b, gamma=gamma, q_head="onestep",
-                          actor_min_std=1e-8, actor_max_std=1e-7)
-    nets = cvl.make_networks(cfg, 6)
-    batch = cvl.sample_batch(cvl.make_data(raw_small), jax.random.key(2), b, gamma, "arrival")
-    batch = batch._replace(done=jnp.arange(b) % 5 == 1)  # some rows end in a fall
-    state = cvl.init_state(jax.random.key(0), cfg, nets, 17, 6)
-    critic = jax.tree.map(lambda x: 2.0 * x, state.critic)
-    psi = nets.psi.apply(critic["psi"], batch.goals)
-    target = np.asarray(cvl.one_step_target(nets, critic, state.actor, psi, batch, jax.random.key(1), cfg))
-
-    f64 = partial(np.asarray, dtype=np.float64)
-    a_next = np.tanh(f64(cvl.actor_dist(nets, state.actor, batch.next_observations, cfg)[0]))
-    phi = f64(nets.phi.apply(critic["phi"], jnp.concatenate([batch.next_observations, jnp.asarray(a_next,
-                                                                                                    jnp.float32)], 1)))
-    r_g, want = f64(batch.goal_rewards), []
-    for i in range(b):
-        logits = np.array([phi[i] @ f64(psi)[j] for j in range(b) if j != i])
-        w = np.exp(logits - logits.max())
-        v = (w / w.sum()) @ np.delete(r_g, i)
-        want.append((1 - gamma) * float(batch.rewards[i]) + (0.0 if batch.done[i] else gamma * v))
-    np.testing.assert_allclose(target, want, rtol=1e-4, atol=1e-5)
-
-    def grads(loss_fn):
-        return jax.grad(lambda c: loss_fn(c, state, batch, jax.random.key(3), cfg, nets, lambda x, *_: x)[0])(critic)
-
-    with_head, without = grads(partial(cvl.with_q_head, cvl.critic_loss_nce)), grads(cvl.critic_loss_nce)
-    for name in ("phi", "psi", "absorbing"):
-        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), with_head[name],
-                     without[name])
-    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(with_head["q_head"])) > 0
-    q = cvl.q_estimate(nets, critic, batch.observations, batch.actions, psi, batch.goal_rewards, cfg)
-    np.testing.assert_allclose(q, cvl.q_head(nets, critic, batch.observations, batch.actions), rtol=1e-6)
-    lower = jax.tree.map(lambda x: x, critic)  # a twin whose head is 1 lower wherever it is asked
-    lower["q_head"]["params"]["Dense_1"]["bias"] = critic["q_head"]["params"]["Dense_1"]["bias"] - 1.0
-    for pair in ([critic, lower], [lower, critic]):
-        twins = jax.tree.map(lambda *x: jnp.stack(x), *pair)
-        q2 = cvl.q_estimate(nets, twins, batch.observations, batch.actions, jnp.stack([psi, psi]),
-                            batch.goal_rewards, cfg)
-        np.testing.assert_allclose(q2, q - 1.0, rtol=1e-5, atol=1e-5)
-
-
-def test_ddpg_on_the_one_step_head_follows_the_datas_rewards_not_the_critics_action_ranking():
-    """The frozen critic prefers a high first action, the data's rewards a low one. Fitted to (1 - gamma) r + gamma
-    V(s'), the head learns the rewards' ranking, and DDPG+BC on it moves the policy down, where DDPG+BC on the
-    critic's own readout moves it up (test_actor_moves_towards_what_a_frozen_critic_prefers)."""
-    batch, psi, phi = frozen_critic_problem(256, data_actions=True)
-    batch = batch._replace(rewards=-3.0 * batch.actions[:, 0])
-    cfg = cvl.make_config("cpu", hidden=(32, 32), actor_objective="ddpg", gamma=0.5, q_head="onestep")
-    nets = cvl.make_networks(cfg, 2)._replace(phi=phi)
-    actor = nets.actor.init(jax.random.key(0), batch.observations)
-    head = nets.q_head.init(jax.random.key(1), jnp.zeros((1, 5)))
-    critic = {**FROZEN_CRITIC, "q_head": head}
-    target = cvl.one_step_target(nets, critic, actor, psi, batch, jax.random.key(2), cfg)
-    opt = cvl.make_optimizer(cfg)
-    opt_state = opt.init(head)
-    fit = jax.jit(jax.grad(lambda h: jnp.mean((cvl.q_head(nets, {"q_head": h}, batch.observations, batch.actions)
-                                               - target) ** 2)))
-    for _ in range(300):
-        updates, opt_state = opt.update(fit(head), opt_state)
-        head = optax.apply_updates(head, updates)
-    critic["q_head"] = head
-    opt_state = opt.init(actor)
-    grad = jax.jit(jax.grad(lambda p, k: cvl.actor_loss_ddpg(p, critic, psi, nets, batch, k, 0.0, cfg)[0]))
-    for i in range(300):
-        updates, opt_state = opt.update(grad(actor, jax.random.key(i)), opt_state)
-        actor = optax.apply_updates(actor, updates)
-    assert np.asarray(cvl.eval_action(nets, actor, batch.observations))[:, 0].mean() < -0.3
-
-
 def test_normalized_q_is_a_weighted_mean_of_future_rewards(raw_small):
     """Self-normalised Q = (1 - gamma) Q: a constant reward c gives c whatever the critic, Q always lies within
     [min r, max r], and adding any function of (s, a) to the logits leaves it unchanged."""
@@ -1167,7 +1095,7 @@ for i, flags in enumerate(test_cvl.OPTIMISED_CONFIGS):
 """
 OPTIMISED_CONFIGS = [dict(hidden=(32, 32), batch_size=64, repr_dim=8),
                      dict(hidden=(32, 32), batch_size=64, repr_dim=8, action_negatives=4, actor_objective="ddpg",
-                          layer_norm=True, q_head="onestep")]
+                          layer_norm=True)]
 
 
 def test_the_optimised_update_equals_the_one_the_tests_compile(tmp_path):
@@ -1408,9 +1336,6 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     (dict(eval_env="CartPole-v1"), "needs flat continuous (Box) spaces"),
     (dict(actor_objective="awr", awr_advantage="td", q_estimator="diag"),
      "--awr-advantage td adds r to Q, so Q must be in the reward's units, which --q-estimator diag is not"),
-    (dict(actor_objective="ddpg", q_head="onestep", q_estimator="marginal"),
-     "--q-head onestep adds r to V, so V must be in the reward's units and leave r_t out, which --q-estimator "
-     "marginal --goal-reward arrival does not"),
     (dict(bc_coef=1.0), "--bc-coef 1.0 does nothing with --actor-objective awr: add --actor-objective q, or drop"),
     (dict(bc_coef=1.0, actor_objective="ddpg"), "--bc-coef 1.0 does nothing with --actor-objective ddpg"),
     (dict(actor_objective="ddpg", alpha=0.1), "--alpha 0.1 does nothing with --actor-objective ddpg: add "

@@ -54,10 +54,6 @@ METHODS = [
     ("CVL, contrastive TD with normalised bootstrap weights, twin critics + DDPG+BC (--critic-loss td --td-weights "
      "normalized --critics 2 --actor-objective ddpg)", "cvl-td2n-ddpg", CVL,
      ["--critic-loss", "td", "--td-weights", "normalized", "--critics", "2", "--actor-objective", "ddpg"], 3),
-    ("CVL, one-step Q head + DDPG+BC (--q-head onestep --actor-objective ddpg)", "cvl-q1-ddpg", CVL,
-     ["--q-head", "onestep", "--actor-objective", "ddpg"], 3),
-    ("CVL, one-step Q head + AWR on its advantage (--q-head onestep --awr-advantage q)", "cvl-q1-awrq", CVL,
-     ["--q-head", "onestep", "--awr-advantage", "q"], 3),
     ("CVL, AWR on the critic's own advantage (--awr-advantage q --awr-beta 1.0)", "cvl-awr", CVL,
      ["--awr-advantage", "q", "--awr-beta", "1.0"], 3),
     ("CVL, paper's actor with the original code's Q (--actor-objective q --q-estimator diag --goal-reward goal)",
