@@ -24,6 +24,8 @@ the negatives:
   - each AWR advantage of cvl.py (--awr-advantage) of the data's actions, computed as in training, and again with
     goals drawn independently (and other policy samples for V): corr(A, A'), how much of A is the row's and how
     much the batch's goals (1: none of it is sampling noise);
+  - the action sensitivity of the run's own Q at the data's actions: rms dQ/da over mean |Q| (times alpha, the push
+    a DDPG+BC step gets off the data) and over the std of Q across the rows (also for a bench/td3_bc.py run);
 and, for --actor-objective q, the ratio of the actor's two gradient norms |grad (1 - bc) Q| / |grad bc * BC NLL| on a
 training batch (far below 1: the actor is behaviour cloning), from cvl.actor_loss_q itself.
 """
