@@ -2047,7 +2047,16 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
                                                        full.goal_rewards[sl], cfg), np.float64)
             a_k, step = np.asarray(full.actions[sl]), 1e-2 * np.eye(act_dim, dtype=np.float32)
             fd.append(np.stack([(q_at(a_k + step[d]) - q_at(a_k - step[d])) / 2e-2 for d in range(act_dim)], axis=1))
-        rms = np.sqrt(np.mean(np.concatenate(fd) ** 2))
+        fd = np.concatenate(fd)
+        rms = np.sqrt(np.mean(fd ** 2))
+        # the step along the critic's gradient: length 0.1 (before clipping) in fd's direction; and its returns
+        up = sim["a_up"] - a_data
+        inside = (np.abs(sim["a_up"]) < 1).all(axis=1)
+        np.testing.assert_allclose(np.linalg.norm(up[inside], axis=1), 0.1, rtol=1e-3)
+        cos = (up * fd[:16]).sum(1) / (np.linalg.norm(up, axis=1) * np.linalg.norm(fd[:16], axis=1))
+        assert (cos[inside] > 0.99).all()
+        assert sim["up_better"] == np.mean(sim["g_up"] > sim["g_data"])
+        assert sim["up_gain"] == pytest.approx(np.mean(sim["g_up"] - sim["g_data"]))
         sens, q_own = r["sensitivity"], r["normalized"]["q"]
         assert sens["grad_rms"] == pytest.approx(rms, rel=0.05)
         assert sens["per_mean_abs_q"] == pytest.approx(sens["grad_rms"] / np.abs(q_own).mean(), rel=1e-6)
@@ -2415,6 +2424,10 @@ def test_td3_bc_cli_trains_evaluates_and_resumes(tmp_path, dataset):
         assert sim["agree"] == np.mean((r["q"][:8][sim["ok"]] > r["q_random"][:8][sim["ok"]]) ==
                                        (sim["g_data"] > sim["g_random"]))
         assert sim["near_agree"] == np.mean((r["q"][:8][sim["ok"]] > sim["q_near"]) == (sim["g_data"] > sim["g_near"]))
+        up = sim["a_up"] - a[:8][sim["ok"]]  # 0.1 along TD3+BC's dQ/da, where no bound clips it
+        inside = (np.abs(sim["a_up"]) < 1).all(axis=1)
+        cos = (up * fd[:8][sim["ok"]]).sum(1) / (np.linalg.norm(up, axis=1) * np.linalg.norm(fd[:8][sim["ok"]], axis=1))
+        assert (cos[inside] > 0.99).all() and sim["up_better"] == np.mean(sim["g_up"] > sim["g_data"])
 
 
 def test_td3_bc_a_signal_saves_the_last_finished_step_and_resume_equals_an_uninterrupted_run(

@@ -25,7 +25,8 @@ the negatives:
     goals drawn independently (and other policy samples for V): corr(A, A'), how much of A is the row's and how
     much the batch's goals (1: none of it is sampling noise);
   - the action sensitivity of the run's own Q at the data's actions: rms dQ/da over mean |Q| (times alpha, the push
-    a DDPG+BC step gets off the data) and over the std of Q across the rows (also for a bench/td3_bc.py run);
+    a DDPG+BC step gets off the data) and over the std of Q across the rows (also for a bench/td3_bc.py run), and in
+    the simulator whether the return rises when the data's action moves --near along dQ/da (the policy step);
 and, for --actor-objective q, the ratio of the actor's two gradient norms |grad (1 - bc) Q| / |grad bc * BC NLL| on a
 training batch (far below 1: the actor is behaviour cloning), from cvl.actor_loss_q itself.
 """
@@ -66,7 +67,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for the rows, goals and random actions")
     p.add_argument("--simulate", type=int, default=256, help="rows checked in the simulator (0: none)")
     p.add_argument("--horizon", type=int, default=300, help="steps of each simulated return (gamma^300 = 0.05)")
-    p.add_argument("--near", type=float, default=0.1, help="std of the noise of the near action, a + N(0, std^2)")
+    p.add_argument("--near", type=float, default=0.1, help="std of the noise of the near action, a + N(0, std^2), and the length of "
+                   "the step along dQ/da")
     p.add_argument("--seeds", type=int, default=0, help="diagnose only the run's first N seeds (0: all)")
     p.add_argument("--min-horizon", type=int, default=500, help="rows of time-limited episodes: at least this many "
                    "steps from the end")
@@ -152,7 +154,7 @@ def main(argv=None):
             own = result[cfg.q_estimator]
             sim = result["simulated"] = simulate_pairs(env_id, s, a, a_rand, a_near, own["q"], own["q_random"],
                                                        q(a_near, cfg.q_estimator), policy, cfg.gamma, args,
-                                                       f"the critic ({cfg.q_estimator})")
+                                                       f"the critic ({cfg.q_estimator})", uphill(a, grad, args.near))
             ok, n = sim["ok"], len(sim["ok"])
             g_data, g_pi = sim["g_data"], sim["g_policy"]
             for name in cvl.ADVANTAGES:  # each AWR advantage of the data's action, computed as in training
@@ -188,21 +190,33 @@ def other_actions(a, rng, near: float):
     return a_rand, jnp.asarray(np.clip(np.asarray(a) + near * rng.standard_normal(a.shape), -1, 1), jnp.float32)
 
 
-def simulate_pairs(env_id, s, a, a_rand, a_near, q_data, q_rand, q_near, policy, gamma, args, critic_name: str) -> dict:
+def uphill(a, grad, size: float):
+    """The data's action moved `size` along the critic's gradient dQ/da (a unit direction per row), clipped: where a
+    DDPG+BC step on this critic goes from the data."""
+    grad = np.asarray(grad, np.float64)
+    unit = grad / np.maximum(np.linalg.norm(grad, axis=1, keepdims=True), 1e-12)
+    return jnp.asarray(np.clip(np.asarray(a) + size * unit, -1, 1), jnp.float32)
+
+
+def simulate_pairs(env_id, s, a, a_rand, a_near, q_data, q_rand, q_near, policy, gamma, args, critic_name: str,
+                   a_up) -> dict:
     """The first --simulate rows in the simulator: the data's action, a random one, one near the data's (a + N(0,
     --near^2), clipped) and the policy's own first action, then the policy. Whether the critic (its Q of the rows at
     each of the three) agrees with the returns G on which of a pair is better, and corr(dQ, dG): the data's action
     against the random one (top-level keys), and against the near one ("near_*": the local ranking a DDPG-style
-    policy step follows). Prints a line for each."""
+    policy step follows). And the policy step itself: a_up, the data's action moved --near along the critic's
+    gradient (uphill), against the data's: how often the simulator's return rises along it ("up_better", 0.5 for a
+    direction that knows nothing) and by how much on average ("up_gain"). Prints a line for each."""
     n = min(args.simulate, len(s))
     a_pi = np.asarray(policy(s[:n]))  # the policy's own first action: G(a_pi) is its value V(s)
-    first_actions = np.concatenate([np.asarray(x[:n]) for x in (a, a_rand, a_near)] + [a_pi])  # i, n + i, ...
-    g = simulated_returns(env_id, np.asarray(s[:n]), first_actions, policy, gamma, args.horizon)
+    first_actions = np.concatenate([np.asarray(x[:n]) for x in (a, a_rand, a_near)] + [a_pi, np.asarray(a_up[:n])])
+    g = simulated_returns(env_id, np.asarray(s[:n]), first_actions, policy, gamma, args.horizon)  # i, n + i, ...
     ok = ~np.isnan(g[:n])
-    g_data, g_rand, g_near, g_pi = (g[k * n:(k + 1) * n][ok] for k in range(4))
+    g_data, g_rand, g_near, g_pi, g_up = (g[k * n:(k + 1) * n][ok] for k in range(5))
     q_d, q_r, q_n = (np.asarray(x)[:n][ok] for x in (q_data, q_rand, q_near))
     sim = dict(rows=int(ok.sum()), ok=ok, g_data=g_data, g_random=g_rand, g_near=g_near, g_policy=g_pi,
-               a_near=np.asarray(a_near[:n])[ok], q_near=q_n)
+               a_near=np.asarray(a_near[:n])[ok], q_near=q_n, g_up=g_up, a_up=np.asarray(a_up[:n])[ok],
+               up_better=float(np.mean(g_up > g_data)), up_gain=float(np.mean(g_up - g_data)))
     for prefix, other, g_o, q_o in (("", "random", g_rand, q_r), ("near_", "near", g_near, q_n)):
         sim.update({f"{prefix}data_better": float(np.mean(g_data > g_o)),
                     f"{prefix}agree": float(np.mean((q_d > q_o) == (g_data > g_o))),
@@ -211,6 +225,8 @@ def simulate_pairs(env_id, s, a, a_rand, a_near, q_data, q_rand, q_near, policy,
               f"against a {other} one: the data's is better {sim[prefix + 'data_better']:.3f} of the time; "
               f"{critic_name} agrees {sim[prefix + 'agree']:.3f}; corr(Q(a_data) - Q(a_{other}), G(a_data) - "
               f"G(a_{other})) {show(sim[prefix + 'corr'])}")
+    print(f"    simulator, the data's action moved {args.near} along the critic's gradient dQ/da (the policy step's "
+          f"direction): the return rises {sim['up_better']:.3f} of the time, by {sim['up_gain']:+.3g} on average")
     return sim
 
 
@@ -254,7 +270,7 @@ def diagnose_td3bc(args) -> list[dict]:
         if args.simulate:
             policy = jax.jit(lambda obs, actor=actor: td3_bc.policy(nets, actor, (obs - mean) / std))
             result["simulated"] = simulate_pairs(env_id, s, a, a_rand, a_near, q_data, q_rand, q_near, policy,
-                                                 cfg.discount, args, "TD3+BC's critic")
+                                                 cfg.discount, args, "TD3+BC's critic", uphill(a, grad, args.near))
         results.append(result)
     return results
 
