@@ -67,8 +67,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for the rows, goals and random actions")
     p.add_argument("--simulate", type=int, default=256, help="rows checked in the simulator (0: none)")
     p.add_argument("--horizon", type=int, default=300, help="steps of each simulated return (gamma^300 = 0.05)")
-    p.add_argument("--near", type=float, default=0.1, help="std of the noise of the near action, a + N(0, std^2), and the length of "
-                   "the step along dQ/da")
+    p.add_argument("--near", type=float, default=0.1, help="std of the noise of the near action, a + N(0, std^2), "
+                   "and the length of the step along dQ/da")
     p.add_argument("--seeds", type=int, default=0, help="diagnose only the run's first N seeds (0: all)")
     p.add_argument("--min-horizon", type=int, default=500, help="rows of time-limited episodes: at least this many "
                    "steps from the end")
@@ -254,14 +254,18 @@ def diagnose_td3bc(args) -> list[dict]:
     rows, ret, rng = pick_rows(data, cfg.discount, cfg.batch_size, args)
     s, a = data.observations[rows], data.actions[rows]
     a_rand, a_near = other_actions(a, rng, args.near)
+    s_norm = (s - mean) / std  # the states as its critic saw them in training
     print(f"{args.run}: TD3+BC, step {payload['step']}, {len(rows)} rows, MC return mean {ret.mean():.1f}")
     results = []
     for i, seed in enumerate(seeds):
         critic = jax.tree.map(lambda x: x[i], state.critic)
         actor = jax.tree.map(lambda x: x[i], state.actor)
-        q_data, q_rand, q_near = (np.asarray(td3_bc.twin_q(nets, critic, (s - mean) / std, x)[0])
-                                  for x in (a, a_rand, a_near))
-        grad = np.asarray(jax.grad(lambda x: td3_bc.twin_q(nets, critic, (s - mean) / std, x)[0].sum())(a))
+
+        def q1(x, critic=critic):  # its Q_1 at the rows' states
+            return td3_bc.twin_q(nets, critic, s_norm, x)[0]
+
+        q_data, q_rand, q_near = (np.asarray(q1(x)) for x in (a, a_rand, a_near))
+        grad = np.asarray(jax.grad(lambda x: q1(x).sum())(a))
         result = dict(seed=seed, rows=rows, q=q_data, q_random=q_rand, corr=correlations(q_data, ret),
                       beats_random=float(np.mean(q_data > q_rand)))
         print(f"  seed {seed}: corr(Q_1, MC return) {show(result['corr'])} | Q(a_data) > Q(a_random) "
