@@ -2084,6 +2084,20 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
         diagnose_critic.main([final["run_dir"], "--rows", "128", "--min-horizon", "500"])
 
 
+def test_gradient_agreement_is_the_rowwise_cosine_of_two_critics_action_gradients(capsys):
+    diagnose_critic = import_bench("diagnose_critic")
+    rows = np.arange(4)
+    mine = dict(seed=0, rows=rows, grad=np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [1.0, 1.0]]))
+    theirs = dict(seed=0, rows=rows, grad=np.array([[1.0, 1.0], [0.0, -5.0], [2.0, 0.0], [-1.0, 1.0]]))
+    out = diagnose_critic.gradient_agreement(mine, theirs, "other")
+    want = [1 / np.sqrt(2), -1.0, 1.0, 0.0]  # by hand: 45 degrees, opposite, the same way, at right angles
+    np.testing.assert_allclose(out["cos"], want, atol=1e-12)
+    assert out["mean"] == pytest.approx(np.mean(want)) and out["median"] == pytest.approx(np.median(want))
+    assert out["positive"] == 0.5 and "mean +0.177" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="same batch size and gamma"):
+        diagnose_critic.gradient_agreement(mine, dict(theirs, rows=rows + 1), "other")
+
+
 def test_simulated_returns_restore_dataset_states_and_replay_their_rewards(raw_small):
     """From a dataset row's restored state, the data's action gives the logged reward, and a policy that answers
     each observation with the data's next action gives r_t + gamma r_{t+1} + gamma^2 r_{t+2}."""
@@ -2405,6 +2419,12 @@ def test_td3_bc_cli_trains_evaluates_and_resumes(tmp_path, dataset):
     assert [r["seed"] for r in results] == [0, 1]
     first = diagnose_critic.main([str(run), "--rows", "128", "--min-horizon", "20", "--simulate", "0", "--seeds", "1"])
     assert [r["seed"] for r in first] == [0] and first[0]["beats_random"] == results[0]["beats_random"]
+    # --against: the same rows diagnosed for a second run, each seed's dQ/da compared with the other's
+    paired = diagnose_critic.main([str(run), "--rows", "128", "--min-horizon", "20", "--simulate", "0",
+                                   "--against", str(run)])
+    for r in paired:
+        np.testing.assert_allclose(r["against"]["cos"], 1.0, atol=1e-5)  # a critic points where it points
+        np.testing.assert_allclose(r["grad"], results[r["seed"]]["grad"], rtol=1e-6)
     for i, r in enumerate(results):
         critic = jax.tree.map(lambda x: jnp.asarray(x[i]), payload["state"]["critic"])
         s = (np.asarray(data.observations)[r["rows"]] - norm["mean"]) / norm["std"]

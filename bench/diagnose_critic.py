@@ -27,6 +27,7 @@ the negatives:
   - the action sensitivity of the run's own Q at the data's actions: rms dQ/da over mean |Q| (times alpha, the push
     a DDPG+BC step gets off the data) and over the std of Q across the rows (also for a bench/td3_bc.py run), and in
     the simulator whether the return rises when the data's action moves --near along dQ/da (the policy step);
+with --against OTHER_RUN, the cosine between this run's dQ/da and the other run's (CVL or TD3+BC) on the same rows;
 and, for --actor-objective q, the ratio of the actor's two gradient norms |grad (1 - bc) Q| / |grad bc * BC NLL| on a
 training batch (far below 1: the actor is behaviour cloning), from cvl.actor_loss_q itself.
 """
@@ -72,7 +73,20 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=0, help="diagnose only the run's first N seeds (0: all)")
     p.add_argument("--min-horizon", type=int, default=500, help="rows of time-limited episodes: at least this many "
                    "steps from the end")
+    p.add_argument("--against", default="", help="a second run (CVL or bench/td3_bc.py) diagnosed on the same rows: "
+                   "per seed, the cosine between the two critics' dQ/da at the data's actions (do their policy steps "
+                   "point the same way?)")
     args = p.parse_args(argv)
+    results = diagnose(args)
+    if args.against:
+        other = diagnose(argparse.Namespace(**{**vars(args), "run": args.against}))
+        for mine, theirs in zip(results, other):
+            mine["against"] = gradient_agreement(mine, theirs, args.against)
+    return results
+
+
+def diagnose(args) -> list[dict]:
+    """Every diagnostic of one run (a cvl.py run, or a bench/td3_bc.py run's critic), one dict per seed."""
     if (Path(args.run) / "normalizer.npz").exists():  # a bench/td3_bc.py run: the TD critic as the reference
         return diagnose_td3bc(args)
 
@@ -136,7 +150,7 @@ def main(argv=None):
         own_q = result[cfg.q_estimator]["q"]
         grad = per_batch(lambda sl: jax.grad(lambda x: cvl.q_estimate(nets, critic, s[sl], x, psi(sl), r_g[sl],
                                                                        cfg).sum())(a[sl]))
-        result["sensitivity"] = action_sensitivity(grad, own_q)
+        result["sensitivity"], result["grad"] = action_sensitivity(grad, own_q), np.asarray(grad)
 
         def advantage(name, bt, key):  # an AWR advantage of the rows' data actions, as training computes it
             cfg_a = dataclasses.replace(cfg, awr_advantage=name)
@@ -270,7 +284,7 @@ def diagnose_td3bc(args) -> list[dict]:
                       beats_random=float(np.mean(q_data > q_rand)))
         print(f"  seed {seed}: corr(Q_1, MC return) {show(result['corr'])} | Q(a_data) > Q(a_random) "
               f"{result['beats_random']:.3f}")
-        result["sensitivity"] = action_sensitivity(grad, q_data)
+        result["sensitivity"], result["grad"] = action_sensitivity(grad, q_data), grad
         if args.simulate:
             policy = jax.jit(lambda obs, actor=actor: td3_bc.policy(nets, actor, (obs - mean) / std))
             result["simulated"] = simulate_pairs(env_id, s, a, a_rand, a_near, q_data, q_rand, q_near, policy,
@@ -288,6 +302,21 @@ def action_sensitivity(grad: np.ndarray, q: np.ndarray) -> dict:
     out = dict(grad_rms=rms, per_mean_abs_q=rms / float(np.abs(q).mean()), per_std_q=rms / float(np.std(q)))
     print(f"    action sensitivity at the data's actions: rms dQ/da / mean|Q| {out['per_mean_abs_q']:.4f}, "
           f"/ std(Q) over the rows {out['per_std_q']:.3f}")
+    return out
+
+
+def gradient_agreement(mine: dict, theirs: dict, name: str) -> dict:
+    """How alike two critics' action gradients are at the same rows: per row the cosine between dQ/da of one and of
+    the other (1: their DDPG+BC steps leave the data the same way; about 0: unrelated directions), its mean and
+    median, and the share of rows where it is positive. Prints a line."""
+    if not np.array_equal(mine["rows"], theirs["rows"]):
+        raise SystemExit(f"diagnose_critic: --against {name} drew other rows (its batch size or discount differ); "
+                         "compare runs that train with the same batch size and gamma")
+    x, y = np.asarray(mine["grad"], np.float64), np.asarray(theirs["grad"], np.float64)
+    cos = (x * y).sum(1) / np.maximum(np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1), 1e-30)
+    out = dict(cos=cos, mean=float(cos.mean()), median=float(np.median(cos)), positive=float(np.mean(cos > 0)))
+    print(f"  seed {mine['seed']} against {name} (seed {theirs['seed']}): cosine of the two critics' dQ/da at the "
+          f"data's actions, mean {out['mean']:+.3f}, median {out['median']:+.3f}, positive {out['positive']:.3f}")
     return out
 
 
