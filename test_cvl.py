@@ -2061,6 +2061,9 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
         assert sens["grad_rms"] == pytest.approx(rms, rel=0.05)
         assert sens["per_mean_abs_q"] == pytest.approx(sens["grad_rms"] / np.abs(q_own).mean(), rel=1e-6)
         assert sens["per_std_q"] == pytest.approx(sens["grad_rms"] / np.std(q_own), rel=1e-6)
+        a_rows = np.asarray(full.actions)
+        fd_out = (fd * a_rows).sum(1) / (np.linalg.norm(fd, axis=1) * np.linalg.norm(a_rows, axis=1))
+        assert sens["outward"] == pytest.approx(fd_out.mean(), abs=0.02)  # the cosine with the data's action
         # G(a_policy): the seed's own policy from the restored state, by a plain loop
         import gymnasium as gym
         with cvl.quiet_env_creation():
@@ -2440,6 +2443,8 @@ def test_td3_bc_cli_trains_evaluates_and_resumes(tmp_path, dataset):
         assert r["sensitivity"]["grad_rms"] == pytest.approx(np.sqrt(np.mean(fd ** 2)), rel=0.05)
         assert r["sensitivity"]["per_mean_abs_q"] == pytest.approx(r["sensitivity"]["grad_rms"] / np.abs(q1).mean(),
                                                                    rel=1e-6)
+        fd_out = (fd * a).sum(1) / (np.linalg.norm(fd, axis=1) * np.linalg.norm(a, axis=1))
+        assert r["sensitivity"]["outward"] == pytest.approx(fd_out.mean(), abs=0.02)
         sim = r["simulated"]
         assert sim["agree"] == np.mean((r["q"][:8][sim["ok"]] > r["q_random"][:8][sim["ok"]]) ==
                                        (sim["g_data"] > sim["g_random"]))

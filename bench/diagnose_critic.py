@@ -25,7 +25,8 @@ the negatives:
     goals drawn independently (and other policy samples for V): corr(A, A'), how much of A is the row's and how
     much the batch's goals (1: none of it is sampling noise);
   - the action sensitivity of the run's own Q at the data's actions: rms dQ/da over mean |Q| (times alpha, the push
-    a DDPG+BC step gets off the data) and over the std of Q across the rows (also for a bench/td3_bc.py run), and in
+    a DDPG+BC step gets off the data) and over the std of Q across the rows (also for a bench/td3_bc.py run), the
+    mean cosine of dQ/da with the data's action (does the critic want actions larger or smaller?), and in
     the simulator whether the return rises when the data's action moves --near along dQ/da (the policy step);
 with --against OTHER_RUN, the cosine between this run's dQ/da and the other run's (CVL or TD3+BC) on the same rows;
 and, for --actor-objective q, the ratio of the actor's two gradient norms |grad (1 - bc) Q| / |grad bc * BC NLL| on a
@@ -150,7 +151,7 @@ def diagnose(args) -> list[dict]:
         own_q = result[cfg.q_estimator]["q"]
         grad = per_batch(lambda sl: jax.grad(lambda x: cvl.q_estimate(nets, critic, s[sl], x, psi(sl), r_g[sl],
                                                                        cfg).sum())(a[sl]))
-        result["sensitivity"], result["grad"] = action_sensitivity(grad, own_q), np.asarray(grad)
+        result["sensitivity"], result["grad"] = action_sensitivity(grad, own_q, a), np.asarray(grad)
 
         def advantage(name, bt, key):  # an AWR advantage of the rows' data actions, as training computes it
             cfg_a = dataclasses.replace(cfg, awr_advantage=name)
@@ -284,7 +285,7 @@ def diagnose_td3bc(args) -> list[dict]:
                       beats_random=float(np.mean(q_data > q_rand)))
         print(f"  seed {seed}: corr(Q_1, MC return) {show(result['corr'])} | Q(a_data) > Q(a_random) "
               f"{result['beats_random']:.3f}")
-        result["sensitivity"], result["grad"] = action_sensitivity(grad, q_data), grad
+        result["sensitivity"], result["grad"] = action_sensitivity(grad, q_data, a), grad
         if args.simulate:
             policy = jax.jit(lambda obs, actor=actor: td3_bc.policy(nets, actor, (obs - mean) / std))
             result["simulated"] = simulate_pairs(env_id, s, a, a_rand, a_near, q_data, q_rand, q_near, policy,
@@ -293,15 +294,19 @@ def diagnose_td3bc(args) -> list[dict]:
     return results
 
 
-def action_sensitivity(grad: np.ndarray, q: np.ndarray) -> dict:
-    """How hard a DDPG+BC step (bench/td3_bc.py's, or --actor-objective ddpg) is pushed off the data's actions: the
-    rms over rows and action dims of dQ/da at the data's actions, relative to mean |Q| (the step's lambda is alpha /
-    mean |Q|, so this times alpha is the push the BC term has to balance) and to the std of Q over the rows (the
-    critic's own scale between states). Prints a line."""
-    rms = float(np.sqrt(np.mean(np.asarray(grad, np.float64) ** 2)))
-    out = dict(grad_rms=rms, per_mean_abs_q=rms / float(np.abs(q).mean()), per_std_q=rms / float(np.std(q)))
+def action_sensitivity(grad: np.ndarray, q: np.ndarray, a) -> dict:
+    """How hard a DDPG+BC step (bench/td3_bc.py's, or --actor-objective ddpg) is pushed off the data's actions a: the
+    rms over rows and action dims of dQ/da at a, relative to mean |Q| (the step's lambda is alpha / mean |Q|, so this
+    times alpha is the push the BC term has to balance) and to the std of Q over the rows (the critic's own scale
+    between states); and which way: the mean over rows of the cosine between dQ/da and a ("outward", +1 when the
+    critic wants every action larger along itself, -1 when smaller). Prints a line."""
+    grad, a = np.asarray(grad, np.float64), np.asarray(a, np.float64)
+    rms = float(np.sqrt(np.mean(grad ** 2)))
+    cos = (grad * a).sum(1) / np.maximum(np.linalg.norm(grad, axis=1) * np.linalg.norm(a, axis=1), 1e-30)
+    out = dict(grad_rms=rms, per_mean_abs_q=rms / float(np.abs(q).mean()), per_std_q=rms / float(np.std(q)),
+               outward=float(cos.mean()))
     print(f"    action sensitivity at the data's actions: rms dQ/da / mean|Q| {out['per_mean_abs_q']:.4f}, "
-          f"/ std(Q) over the rows {out['per_std_q']:.3f}")
+          f"/ std(Q) over the rows {out['per_std_q']:.3f}; cos(dQ/da, a) {out['outward']:+.3f}")
     return out
 
 
