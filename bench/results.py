@@ -191,7 +191,9 @@ def report(results: dict[str, dict], dataset: str, out: Path, note: str = "") ->
              "| method | steps | seeds | final score | best score | 2nd-half mean | train (min) | wall-clock (min) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     # left: every row; right: the same curves zoomed on the band where CVL and BC differ
-    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw=dict(width_ratios=(3, 2)))
+    legend_rows = len(results) + 1  # the legend goes under both panels, one line per row and the dataset's mean
+    height = 5 + 0.17 * legend_rows
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(13, height), gridspec_kw=dict(width_ratios=(3, 2)))
     for name, r in results.items():
         name = f"{name} (committed curve)" if "reference" in r else name
         lines.append(f"| {name} | {r['steps']:,} | {r['seeds']} | {r['final'][0]:.1f} +- {r['final'][1]:.1f} | "
@@ -199,7 +201,7 @@ def report(results: dict[str, dict], dataset: str, out: Path, note: str = "") ->
                      f"{minutes(r['minutes'])} |")
         x, y, s = r["curve"]
         for a in (ax, zoom):
-            label = f"{name} ({r['seeds']} seed{'s' * (r['seeds'] > 1)}{', committed curve' * ('reference' in r)})"
+            label = f"{name} ({r['seeds']} seed{'s' * (r['seeds'] > 1)})"  # name says '(committed curve)' if so
             line, = a.plot(x, y, marker="o", ms=3, ls="--" if "reference" in r else "-", label=label)
             a.fill_between(x, y - s, y + s, alpha=0.2, color=line.get_color())
     for a in (ax, zoom):
@@ -217,8 +219,8 @@ def report(results: dict[str, dict], dataset: str, out: Path, note: str = "") ->
     zoom.set_ylim(low, high)
     zoom.set_xlim(left=start)
     zoom.set_title(f"zoom: score {low:.0f} to {high:.0f}, from step {start // 1000}k")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    fig.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="lower left")  # below the panels, never over a curve
+    fig.tight_layout(rect=(0, 0.17 * legend_rows / height, 1, 1))
     fig.savefig(out.with_suffix(".png"), dpi=120)
     write_curves(results, out.with_suffix(".csv"))
     references = sorted({str(r["reference"]) for r in results.values() if "reference" in r})
