@@ -302,12 +302,17 @@ def action_sensitivity(grad: np.ndarray, q: np.ndarray, a) -> dict:
     critic wants every action larger along itself, -1 when smaller). Prints a line."""
     grad, a = np.asarray(grad, np.float64), np.asarray(a, np.float64)
     rms = float(np.sqrt(np.mean(grad ** 2)))
-    cos = (grad * a).sum(1) / np.maximum(np.linalg.norm(grad, axis=1) * np.linalg.norm(a, axis=1), 1e-30)
     out = dict(grad_rms=rms, per_mean_abs_q=rms / float(np.abs(q).mean()), per_std_q=rms / float(np.std(q)),
-               outward=float(cos.mean()))
+               outward=float(row_cosine(grad, a).mean()))
     print(f"    action sensitivity at the data's actions: rms dQ/da / mean|Q| {out['per_mean_abs_q']:.4f}, "
           f"/ std(Q) over the rows {out['per_std_q']:.3f}; cos(dQ/da, a) {out['outward']:+.3f}")
     return out
+
+
+def row_cosine(x, y) -> np.ndarray:
+    """The cosine between x[i] and y[i] for each row i (0 where either is 0)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    return (x * y).sum(1) / np.maximum(np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1), 1e-30)
 
 
 def gradient_agreement(mine: dict, theirs: dict, name: str) -> dict:
@@ -317,8 +322,7 @@ def gradient_agreement(mine: dict, theirs: dict, name: str) -> dict:
     if not np.array_equal(mine["rows"], theirs["rows"]):
         raise SystemExit(f"diagnose_critic: --against {name} drew other rows (its batch size or discount differ); "
                          "compare runs that train with the same batch size and gamma")
-    x, y = np.asarray(mine["grad"], np.float64), np.asarray(theirs["grad"], np.float64)
-    cos = (x * y).sum(1) / np.maximum(np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1), 1e-30)
+    cos = row_cosine(mine["grad"], theirs["grad"])
     out = dict(cos=cos, mean=float(cos.mean()), median=float(np.median(cos)), positive=float(np.mean(cos > 0)))
     print(f"  seed {mine['seed']} against {name} (seed {theirs['seed']}): cosine of the two critics' dQ/da at the "
           f"data's actions, mean {out['mean']:+.3f}, median {out['median']:+.3f}, positive {out['positive']:.3f}")
