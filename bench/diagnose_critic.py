@@ -151,7 +151,7 @@ def diagnose(args) -> list[dict]:
         own_q = result[cfg.q_estimator]["q"]
         grad = per_batch(lambda sl: jax.grad(lambda x: cvl.q_estimate(nets, critic, s[sl], x, psi(sl), r_g[sl],
                                                                        cfg).sum())(a[sl]))
-        result["sensitivity"], result["grad"] = action_sensitivity(grad, own_q, a), np.asarray(grad)
+        result["sensitivity"], result["grad"] = action_sensitivity(grad, own_q, a), grad
 
         def advantage(name, bt, key):  # an AWR advantage of the rows' data actions, as training computes it
             cfg_a = dataclasses.replace(cfg, awr_advantage=name)
@@ -300,8 +300,7 @@ def action_sensitivity(grad: np.ndarray, q: np.ndarray, a) -> dict:
     times alpha is the push the BC term has to balance) and to the std of Q over the rows (the critic's own scale
     between states); and which way: the mean over rows of the cosine between dQ/da and a ("outward", +1 when the
     critic wants every action larger along itself, -1 when smaller). Prints a line."""
-    grad, a = np.asarray(grad, np.float64), np.asarray(a, np.float64)
-    rms = float(np.sqrt(np.mean(grad ** 2)))
+    rms = float(np.sqrt(np.mean(np.asarray(grad, np.float64) ** 2)))
     out = dict(grad_rms=rms, per_mean_abs_q=rms / float(np.abs(q).mean()), per_std_q=rms / float(np.std(q)),
                outward=float(row_cosine(grad, a).mean()))
     print(f"    action sensitivity at the data's actions: rms dQ/da / mean|Q| {out['per_mean_abs_q']:.4f}, "
