@@ -2101,6 +2101,86 @@ def test_gradient_agreement_is_the_rowwise_cosine_of_two_critics_action_gradient
         diagnose_critic.gradient_agreement(mine, dict(theirs, rows=rows + 1), "other")
 
 
+def test_closed_loop_selection_picks_the_candidate_the_critic_rates_highest(tmp_path, dataset):
+    diagnose_critic = import_bench("diagnose_critic")
+    # the candidates: the policy's own action first, then samples of its tanh-Gaussian with the std scaled
+    mean, std = jnp.array([[0.3, -2.0], [0.0, 1.0]]), jnp.array([[0.5, 0.1], [1.0, 2.0]])
+    key = jax.random.key(3)
+    cand = np.asarray(diagnose_critic.candidate_actions(mean, std, key, 4, 0.5))
+    eps = np.asarray(jax.random.normal(key, (3, 2, 2)))
+    np.testing.assert_allclose(cand[0], np.tanh(mean), rtol=1e-6)
+    np.testing.assert_allclose(cand[1:], np.tanh(np.asarray(mean) + 0.5 * np.asarray(std) * eps), rtol=1e-5)
+    same = np.asarray(diagnose_critic.candidate_actions(mean, std, key, 4, 0.0))
+    np.testing.assert_allclose(same, np.broadcast_to(np.tanh(mean), same.shape), rtol=1e-6)
+    # best: per row the argmax of q, by a plain loop; random: one of the same candidates, not always the first
+    rng = np.random.default_rng(0)
+    cands, q = rng.normal(size=(5, 300, 2)).astype(np.float32), rng.normal(size=(5, 300)).astype(np.float32)
+    best = np.asarray(diagnose_critic.pick(jnp.asarray(cands), jnp.asarray(q), "best", key))
+    np.testing.assert_array_equal(best, np.stack([cands[int(np.argmax(q[:, i])), i] for i in range(300)]))
+    rand = np.asarray(diagnose_critic.pick(jnp.asarray(cands), jnp.asarray(q), "random", key))
+    chosen = [[j for j in range(5) if np.array_equal(cands[j, i], rand[i])] for i in range(300)]
+    assert all(len(c) == 1 for c in chosen) and len({c[0] for c in chosen}) == 5
+    # a CVL critic's readout over fixed goals, against numpy: softmax_j(phi . psi_j) r_j, the min over twins
+    cfg = small_config(dataset, tmp_path, critics=2)
+    data, _, obs_dim, act_dim = cvl.load_env_data(cfg)
+    nets = cvl.make_networks(cfg, act_dim)
+    state = cvl.init_states(cfg, nets, [0, 1], obs_dim, act_dim)
+    scorers, score, _ = diagnose_critic.cvl_scorer(nets, cfg, state, data, 32, jax.random.key(0))
+    goals = cvl.sample_batch(jax.tree.map(jnp.asarray, data), jax.random.key(0), 32, cfg.gamma, cfg.goal_reward)
+    s, a = np.asarray(data.observations[:40]), np.asarray(data.actions[:40])
+    r = np.asarray(goals.goal_rewards, np.float64)
+    for seed in (0, 1):
+        mine = jax.tree.map(lambda x: x[seed], scorers)
+        want = []
+        for c in range(2):
+            critic = jax.tree.map(lambda x: x[seed, c], state.critic)
+            phi = np.asarray(nets.phi.apply(critic["phi"], np.concatenate([s, a], 1)), np.float64)
+            psi = np.asarray(nets.psi.apply(critic["psi"], np.asarray(goals.goals)), np.float64)
+            psi[np.asarray(goals.absorbing)] = np.asarray(critic["absorbing"])
+            f = phi @ psi.T
+            w = np.exp(f - f.max(1, keepdims=True))
+            want.append((w / w.sum(1, keepdims=True)) @ r)
+        np.testing.assert_allclose(np.asarray(score(mine, s, a)), np.min(want, axis=0), rtol=1e-4, atol=1e-6)
+        # the selecting policy acts with a candidate whose Q is the highest of its state's candidates
+        propose = partial(cvl.actor_dist, nets, cfg=cfg)
+        policy = diagnose_critic.selecting_policy(lambda p, x: propose(p, x), score, 6, 1.0, "best")
+        actor = jax.tree.map(lambda x: x[seed], state.actor)
+        acted = np.asarray(policy((actor, mine), jnp.asarray(s)))
+        cand = np.asarray(diagnose_critic.candidate_actions(*propose(actor, jnp.asarray(s)),
+                                                            diagnose_critic.obs_key(s), 6, 1.0))
+        q_cand = np.stack([np.asarray(score(mine, s, c)) for c in cand])
+        q_acted = np.asarray(score(mine, s, acted))
+        assert np.isin(acted, cand).all()
+        np.testing.assert_allclose(q_acted, q_cand.max(0), rtol=1e-5, atol=1e-7)
+        assert (q_cand.max(0) - q_cand.min(0) > 1e-6).all()  # the choice mattered
+
+
+def test_closed_loop_selection_from_the_command_line(tmp_path, dataset, capsys):
+    diagnose_critic = import_bench("diagnose_critic")
+    final = cvl.train(small_config(dataset, tmp_path, steps=100, num_seeds=2, eval_every=100))
+    run = final["run_dir"]
+    base = [run, "--rows", "128", "--min-horizon", "20", "--simulate", "0", "--episodes", "1", "--select-goals", "64"]
+    results = diagnose_critic.main(base + ["--select", "3"])
+    ckpt = cvl.load_checkpoint(Path(run))
+    cfg = ckpt["config"]
+    _, (env_id, lo, hi), obs_dim, act_dim = cvl.load_env_data(cfg)
+    nets = cvl.make_networks(cfg, act_dim)
+    state = cvl.restore_state(cvl.init_states(cfg, nets, [0, 1], obs_dim, act_dim), ckpt["state"])
+    own = cvl.evaluate(cvl.seeds_policy(partial(cvl.eval_action, nets)), state.actor, env_id, [0, 1], 1)
+    np.testing.assert_allclose([r["select"]["policy"] for r in results], cvl.normalized_score(own[:, 0], lo, hi),
+                               rtol=1e-6)
+    for r in results:
+        sel = r["select"]
+        assert sel["gain"] == pytest.approx(sel["best"] - sel["random"]) and sel["best"] != sel["random"]
+    assert capsys.readouterr().out.count("the critic's best") == 2
+    # with no spread every candidate is the policy's own action: whichever is picked, the episode is the policy's
+    still = diagnose_critic.main(base + ["--select", "3", "--select-spread", "0", "--seeds", "1"])
+    assert len(still) == 1 and still[0]["select"]["best"] == still[0]["select"]["random"] == results[0]["select"][
+        "policy"]
+    with pytest.raises(SystemExit, match="at least 2 candidates"):
+        diagnose_critic.main(base + ["--select", "1"])
+
+
 def test_simulated_returns_restore_dataset_states_and_replay_their_rewards(raw_small):
     """From a dataset row's restored state, the data's action gives the logged reward, and a policy that answers
     each observation with the data's next action gives r_t + gamma r_{t+1} + gamma^2 r_{t+2}."""

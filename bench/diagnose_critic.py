@@ -29,6 +29,9 @@ the negatives:
     mean cosine of dQ/da with the data's action (does the critic want actions larger or smaller?), and in
     the simulator whether the return rises when the data's action moves --near along dQ/da (the policy step);
 with --against OTHER_RUN, the cosine between this run's dQ/da and the other run's (CVL or TD3+BC) on the same rows;
+with --select N, the critic in closed loop: the score of a policy that acts with the best of N candidate actions
+(the policy's own and N - 1 samples of it, of this run or of --candidates) by the critic's Q, against one that picks
+a random one of them (the gain is what the critic's ranking of near-policy actions is worth);
 and, for --actor-objective q, the ratio of the actor's two gradient norms |grad (1 - bc) Q| / |grad bc * BC NLL| on a
 training batch (far below 1: the actor is behaviour cloning), from cvl.actor_loss_q itself.
 """
@@ -77,26 +80,33 @@ def main(argv=None):
     p.add_argument("--against", default="", help="a second run (CVL or bench/td3_bc.py) diagnosed on the same rows: "
                    "per seed, the cosine between the two critics' dQ/da at the data's actions (do their policy steps "
                    "point the same way?)")
+    p.add_argument("--select", type=int, default=0, help="closed loop: act in --episodes episodes per seed with the "
+                   "best of N candidate actions by this critic, and with a random one of them (0: off)")
+    p.add_argument("--select-spread", type=float, default=1.0, help="the candidates' std: the policy's times this")
+    p.add_argument("--select-goals", type=int, default=1024, help="data goals a CVL critic's Q is read out with")
+    p.add_argument("--candidates", default="", help="the cvl.py run whose policy proposes the candidates (default: "
+                   "the diagnosed run; needed when that is a bench/td3_bc.py run)")
+    p.add_argument("--episodes", type=int, default=10, help="episodes per seed of each --select policy")
     args = p.parse_args(argv)
+    if args.select == 1 or args.select < 0:
+        raise SystemExit("diagnose_critic: --select needs at least 2 candidates (0: off)")
     results = diagnose(args)
     if args.against:
         other = diagnose(argparse.Namespace(**{**vars(args), "run": args.against}))
         for mine, theirs in zip(results, other):
             mine["against"] = gradient_agreement(mine, theirs, args.against)
+    if args.select:
+        for mine, selected in zip(results, select_in_closed_loop(args)):
+            mine["select"] = selected
     return results
 
 
 def diagnose(args) -> list[dict]:
     """Every diagnostic of one run (a cvl.py run, or a bench/td3_bc.py run's critic), one dict per seed."""
-    if (Path(args.run) / "normalizer.npz").exists():  # a bench/td3_bc.py run: the TD critic as the reference
+    if is_td3bc_run(args.run):  # a bench/td3_bc.py run: the TD critic as the reference
         return diagnose_td3bc(args)
 
-    ckpt = cvl.load_checkpoint(Path(args.run))
-    cfg = ckpt["config"]
-    data, (env_id, _, _), obs_dim, act_dim = cvl.load_env_data(cfg)
-    nets = cvl.make_networks(cfg, act_dim)
-    seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
-    state = cvl.restore_state(cvl.init_states(cfg, nets, seeds, obs_dim, act_dim), ckpt["state"])
+    ckpt, cfg, data, (env_id, _, _), nets, seeds, state = load_cvl_run(args.run)
     seeds = seeds[:args.seeds or None]
 
     b = cfg.batch_size
@@ -248,24 +258,9 @@ def simulate_pairs(env_id, s, a, a_rand, a_near, q_data, q_rand, q_near, policy,
 def diagnose_td3bc(args) -> list[dict]:
     """The same rows, random actions and simulator check for a bench/td3_bc.py run's first critic Q_1 (the one its
     actor follows), on states normalised as in its training: the agreement a TD critic reaches on these pairs."""
-    import json
-
-    import flax.serialization
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import td3_bc
-
-    run = Path(args.run)
-    cfg = cvl.config_from_dict(json.loads((run / "config.json").read_text()), td3_bc.TD3BCConfig)
-    data, (env_id, _, _), obs_dim, act_dim = cvl.load_env_data(cfg)
-    nets = td3_bc.Nets(actor=cvl.MLP(cfg.hidden, act_dim), critic=cvl.MLP(cfg.hidden, 1))
-    seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
-    template = cvl.init_seeds(lambda key: td3_bc.init_state(key, cfg, nets, obs_dim, act_dim), seeds)
-    payload = flax.serialization.msgpack_restore((run / "checkpoint.msgpack").read_bytes())
-    state = cvl.restore_state(template, payload["state"])
+    td3_bc = import_td3_bc()
+    payload, cfg, data, (env_id, _, _), nets, seeds, state, (mean, std) = load_td3bc_run(args.run)
     seeds = seeds[:args.seeds or None]
-    norm = np.load(run / "normalizer.npz")
-    mean, std = jnp.asarray(norm["mean"], jnp.float32), jnp.asarray(norm["std"], jnp.float32)
     rows, ret, rng = pick_rows(data, cfg.discount, cfg.batch_size, args)
     s, a = data.observations[rows], data.actions[rows]
     a_rand, a_near = other_actions(a, rng, args.near)
@@ -292,6 +287,48 @@ def diagnose_td3bc(args) -> list[dict]:
                                                  cfg.discount, args, "TD3+BC's critic", uphill(a, grad, args.near))
         results.append(result)
     return results
+
+
+def is_td3bc_run(run) -> bool:
+    return (Path(run) / "normalizer.npz").exists()
+
+
+def import_td3_bc():
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import td3_bc
+
+    return td3_bc
+
+
+def load_cvl_run(run):
+    """A cvl.py run: (checkpoint, config, data, (eval env, ref min, ref max), networks, seeds, train state)."""
+    ckpt = cvl.load_checkpoint(Path(run))
+    cfg = ckpt["config"]
+    data, env, obs_dim, act_dim = cvl.load_env_data(cfg)
+    nets = cvl.make_networks(cfg, act_dim)
+    seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
+    return ckpt, cfg, data, env, nets, seeds, cvl.restore_state(cvl.init_states(cfg, nets, seeds, obs_dim, act_dim),
+                                                                 ckpt["state"])
+
+
+def load_td3bc_run(run):
+    """A bench/td3_bc.py run: (checkpoint payload, config, data, env, networks, seeds, train state, (state mean,
+    state std) of its normalisation)."""
+    import json
+
+    import flax.serialization
+
+    td3_bc = import_td3_bc()
+    run = Path(run)
+    cfg = cvl.config_from_dict(json.loads((run / "config.json").read_text()), td3_bc.TD3BCConfig)
+    data, env, obs_dim, act_dim = cvl.load_env_data(cfg)
+    nets = td3_bc.Nets(actor=cvl.MLP(cfg.hidden, act_dim), critic=cvl.MLP(cfg.hidden, 1))
+    seeds = [cfg.seed + i for i in range(cfg.num_seeds)]
+    template = cvl.init_seeds(lambda key: td3_bc.init_state(key, cfg, nets, obs_dim, act_dim), seeds)
+    payload = flax.serialization.msgpack_restore((run / "checkpoint.msgpack").read_bytes())
+    norm = np.load(run / "normalizer.npz")
+    return (payload, cfg, data, env, nets, seeds, cvl.restore_state(template, payload["state"]),
+            (jnp.asarray(norm["mean"], jnp.float32), jnp.asarray(norm["std"], jnp.float32)))
 
 
 def action_sensitivity(grad: np.ndarray, q: np.ndarray, a) -> dict:
@@ -325,6 +362,119 @@ def gradient_agreement(mine: dict, theirs: dict, name: str) -> dict:
     out = dict(cos=cos, mean=float(cos.mean()), median=float(np.median(cos)), positive=float(np.mean(cos > 0)))
     print(f"  seed {mine['seed']} against {name} (seed {theirs['seed']}): cosine of the two critics' dQ/da at the "
           f"data's actions, mean {out['mean']:+.3f}, median {out['median']:+.3f}, positive {out['positive']:.3f}")
+    return out
+
+
+# ------------------------------------------------------------------------------------- selection in closed loop
+def candidate_actions(mean, std, key, n: int, spread: float):
+    """[n, rows, |A|] candidates per row: the policy's own action tanh(mean) first, then n - 1 samples
+    tanh(mean + spread * std * eps) of its tanh-Gaussian, the std scaled by `spread`."""
+    u = mean + spread * std * jax.random.normal(key, (n - 1, *mean.shape))
+    return jnp.concatenate([jnp.tanh(mean)[None], jnp.tanh(u)])
+
+
+def pick(candidates, q, how: str, key):
+    """[rows, |A|]: per row the candidate with the highest q ("best"), or one drawn uniformly from the same
+    candidates ("random"); candidates [n, rows, |A|], q [n, rows]."""
+    i = jnp.argmax(q, axis=0) if how == "best" else jax.random.randint(key, q.shape[1:], 0, q.shape[0])
+    return jnp.take_along_axis(candidates, i[None, :, None], axis=0)[0]
+
+
+def obs_key(s):
+    """A key made of the observations' bits: cvl.evaluate passes the policy none, and so the best and the random
+    policy draw the same candidates wherever they see the same states."""
+    bits = jax.lax.bitcast_convert_type(jnp.asarray(s, jnp.float32), jnp.int32)
+    return jax.random.fold_in(jax.random.key(0), jnp.sum(bits))
+
+
+def selecting_policy(propose, score, n: int, spread: float, how: str):
+    """policy((proposer params, scorer params), s) for cvl.evaluate: n candidate_actions from propose(params, s) ->
+    the policy's (mean, std) before tanh, and the one `how` picks by score(params, s, a) -> Q(s, a)."""
+    def policy(params, s):
+        proposer, scorer = params
+        key = obs_key(s)
+        candidates = candidate_actions(*propose(proposer, s), key, n, spread)
+        q = jax.vmap(lambda a: score(scorer, s, a))(candidates)
+        return pick(candidates, q, how, jax.random.fold_in(key, 1))
+    return policy
+
+
+def goal_readout(nets, critic: dict, s, a, psi, goal_rewards, estimator: str):
+    """A CVL critic's Q(s, a) against one fixed set of data goals (psi, their rewards), for states that are not
+    the goals' own rows: marginal as cvl.q_marginal, every other estimator as cvl.q_normalized (diag needs a row's
+    own goal); the minimum over an ensemble, as cvl.q_estimate."""
+    if cvl.is_ensemble(critic):
+        return jax.vmap(lambda c, p: goal_readout(nets, c, s, a, p, goal_rewards, estimator))(critic, psi).min(0)
+    f = cvl.pair_logits(critic, cvl.sa_features(nets, critic, s, a), psi)
+    if estimator == "marginal":
+        return jnp.exp(f) @ goal_rewards / f.shape[-1]
+    return jax.nn.softmax(f, axis=-1) @ goal_rewards
+
+
+def cvl_scorer(nets, cfg, state, data, n_goals: int, key):
+    """(scorer params stacked over seeds, score(params, s, a) -> Q, its name) of a CVL run's critics, each read out
+    over the same n_goals data goals drawn as training draws a batch's."""
+    goals = cvl.sample_batch(jax.tree.map(jnp.asarray, data), key, n_goals, cfg.gamma, cfg.goal_reward)
+    critic = {k: v for k, v in state.critic.items() if k != "behavior"}  # --action-negatives' BC policy
+    psi = jax.vmap(lambda c: cvl.goal_features(nets, c, goals.goals, goals.absorbing))(critic)
+
+    def score(scorer, s, a):
+        critic, psi = scorer
+        return goal_readout(nets, critic, s, a, psi, goals.goal_rewards, cfg.q_estimator)
+    return (critic, psi), score, f"the critic ({cfg.q_estimator} over {n_goals} data goals)"
+
+
+def td3bc_scorer(nets, state, norm):
+    """The same for a bench/td3_bc.py run's first critic, on states normalised as in its training."""
+    td3_bc = import_td3_bc()
+    mean, std = norm
+
+    def score(critic, s, a):
+        return td3_bc.twin_q(nets, critic, (s - mean) / std, a)[0]
+    return state.critic, score, "TD3+BC's critic Q_1"
+
+
+def select_in_closed_loop(args) -> list[dict]:
+    """--select N: at every step of --episodes evaluation episodes per seed, N candidate actions from the policy of
+    --candidates (a cvl.py run; default the diagnosed run), and the agent acts with the one the diagnosed run's
+    critic rates highest, or with a uniformly random one of the same candidates, or with the policy's own action.
+    best - random is what the critic's ranking of those actions is worth in the simulator (a critic that knows
+    nothing about them scores random's level). Seed i's critic picks among seed i's candidates. Prints a line per
+    seed; the scores are D4RL-normalised (raw returns for an env without reference returns)."""
+    source = args.candidates or args.run
+    if is_td3bc_run(source):
+        raise SystemExit(f"diagnose_critic: --candidates {source} is a bench/td3_bc.py run, whose policy has no "
+                         "spread to sample; name a cvl.py run")
+    _, p_cfg, _, _, p_nets, p_seeds, p_state = load_cvl_run(source)
+    if is_td3bc_run(args.run):
+        _, cfg, _, (env_id, ref_min, ref_max), nets, seeds, state, norm = load_td3bc_run(args.run)
+        scorers, score, what = td3bc_scorer(nets, state, norm)
+    else:
+        _, cfg, data, (env_id, ref_min, ref_max), nets, seeds, state = load_cvl_run(args.run)
+        scorers, score, what = cvl_scorer(nets, cfg, state, data, args.select_goals, jax.random.key(args.seed))
+    k = min(len(seeds), len(p_seeds), args.seeds or len(seeds))
+    params = jax.tree.map(lambda x: x[:k], (p_state.actor, scorers))
+
+    def propose(actor, s):
+        return cvl.actor_dist(p_nets, actor, s, p_cfg)
+
+    def play(policy):
+        returns = cvl.evaluate(cvl.seeds_policy(cvl.env_policy(policy, env_id)), params, env_id, seeds[:k],
+                               args.episodes).mean(axis=1)
+        return returns if ref_min is None else cvl.normalized_score(returns, ref_min, ref_max)
+
+    n, spread = args.select, args.select_spread
+    best = play(selecting_policy(propose, score, n, spread, "best"))
+    rand = play(selecting_policy(propose, score, n, spread, "random"))
+    own = play(lambda prm, s: jnp.tanh(propose(prm[0], s)[0]))
+    print(f"  closed loop, {args.episodes} episodes per seed, {n} candidates per step (the policy's action and "
+          f"{n - 1} samples, std x{spread:g}) from the policy of {source}, picked by {what}:")
+    out = []
+    for i in range(k):
+        out.append(dict(best=float(best[i]), random=float(rand[i]), policy=float(own[i]),
+                        gain=float(best[i] - rand[i])))
+        print(f"  seed {seeds[i]}: the critic's best {best[i]:.1f}, a random one {rand[i]:.1f} (gain "
+              f"{best[i] - rand[i]:+.1f}); the policy's own action {own[i]:.1f}")
     return out
 
 
