@@ -1525,7 +1525,10 @@ def test_a_stop_at_any_moment_is_one_line_within_seconds_and_keeps_what_was_writ
                                                             (tmp_path / "c").glob("*/metrics.csv"))
                                     and time.sleep(1.5) is None, signal.SIGTERM, tmp_path)
     (run,) = (tmp_path / "c").iterdir()
-    assert code == 143 and took < 3 and "interrupted at step 50; checkpoint saved" in err, (took, err)
+    # (on a loaded machine the stop can land while step 50's checkpoint is still being written: it then waits for
+    # the write and says so in the other words)
+    assert code == 143 and took < 3 and ("interrupted at step 50; checkpoint saved" in err
+                                         or "is saved at step 50; continue with" in err), (took, err)
     assert cvl.load_checkpoint(run)["step"] == 50 and [r["step"] for r in read_rows(run)] == ["50"]
 
     code, err, took = stop_cli_when(["--evaluate", finished_run, "--eval-episodes", "100"], after(4), signal.SIGINT,
