@@ -2158,6 +2158,33 @@ def test_closed_loop_selection_picks_the_candidate_the_critic_rates_highest(tmp_
         assert (q_cand.max(0) - q_cand.min(0) > 1e-6).all()  # the choice mattered
 
 
+@pytest.mark.parametrize("stored_next", [True, False])
+def test_onestep_head_targets_and_fit(tmp_path, dataset, stored_next):
+    """(1 - gamma) r_t + gamma V(s_{t+1}), 0 after a fall, on the rows whose next state is known or that fell; and a
+    head fitted to them reproduces them, in their units."""
+    diagnose_critic = import_bench("diagnose_critic")
+    raw = hand_made_episodes()
+    if not stored_next:
+        del raw["next_observations"]
+    data = cvl.make_data(raw)
+    values = np.arange(18, dtype=np.float64) * 0.1 + 5.0
+    y, rows = diagnose_critic.onestep_targets(data, values, 0.9)
+    assert list(rows) == [t for t in range(18) if stored_next or t != 11]  # the time limit's s_{e+1} is unknown
+    for t in rows:
+        fell = t in (5, 17)
+        assert y[t] == pytest.approx(0.1 * raw["rewards"][t] + 0.9 * (0.0 if fell else values[t]))
+    # the fit: a tiny head on the fixture's rollouts, V(s') a known function of the next state
+    cfg = small_config(dataset, tmp_path)
+    data, _, _, _ = cvl.load_env_data(cfg)
+    score, head, mse = diagnose_critic.fit_onestep_head(cfg, data, lambda s: jnp.tanh(s[:, 0]) + s[:, 1] ** 2, 3000,
+                                                        jax.random.key(0))
+    y, rows = diagnose_critic.onestep_targets(data, np.tanh(np.asarray(data.next_observations)[:, 0])
+                                              + np.asarray(data.next_observations)[:, 1] ** 2, cfg.gamma)
+    q = np.asarray(score(head, np.asarray(data.observations)[rows], np.asarray(data.actions)[rows]))
+    assert mse < 0.2 and np.corrcoef(q, y[rows])[0, 1] > 0.9
+    assert abs(q.mean() - y[rows].mean()) < 0.1 * y[rows].std() and q.std() == pytest.approx(y[rows].std(), rel=0.2)
+
+
 def test_closed_loop_selection_from_the_command_line(tmp_path, dataset, capsys):
     diagnose_critic = import_bench("diagnose_critic")
     final = cvl.train(small_config(dataset, tmp_path, steps=100, num_seeds=2, eval_every=100))
@@ -2182,6 +2209,12 @@ def test_closed_loop_selection_from_the_command_line(tmp_path, dataset, capsys):
         "policy"]
     with pytest.raises(SystemExit, match="at least 2 candidates"):
         diagnose_critic.main(base + ["--select", "1"])
+    # --select-head: the best by a one-step head fitted to each seed's critic, against the same random picks
+    headed = diagnose_critic.main(base + ["--select", "3", "--select-head", "200"])
+    for r, before in zip(headed, results):
+        sel = r["select"]
+        assert sel["random"] == before["select"]["random"] and sel["head_gain"] == pytest.approx(
+            sel["head_best"] - sel["random"]) and sel["head_mse"] > 0
 
 
 def test_simulated_returns_restore_dataset_states_and_replay_their_rewards(raw_small):

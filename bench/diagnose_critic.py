@@ -31,7 +31,8 @@ the negatives:
 with --against OTHER_RUN, the cosine between this run's dQ/da and the other run's (CVL or TD3+BC) on the same rows;
 with --select N, the critic in closed loop: the score of a policy that acts with the best of N candidate actions
 (the policy's own and N - 1 samples of it, of this run or of --candidates) by the critic's Q, against one that picks
-a random one of them (the gain is what the critic's ranking of near-policy actions is worth);
+a random one of them (the gain is what the critic's ranking of near-policy actions is worth), and with --select-head
+the same for a head regressed onto (1 - gamma) r + gamma V(s'), the critic's value of the data's next state;
 and, for --actor-objective q, the ratio of the actor's two gradient norms |grad (1 - bc) Q| / |grad bc * BC NLL| on a
 training batch (far below 1: the actor is behaviour cloning), from cvl.actor_loss_q itself.
 """
@@ -45,6 +46,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cvl  # noqa: E402
@@ -87,6 +89,9 @@ def main(argv=None):
     p.add_argument("--candidates", default="", help="the cvl.py run whose policy proposes the candidates (default: "
                    "the diagnosed run; needed when that is a bench/td3_bc.py run)")
     p.add_argument("--episodes", type=int, default=10, help="episodes per seed of each --select policy")
+    p.add_argument("--select-head", type=int, default=0, help="with --select on a cvl.py run: also fit, for this "
+                   "many steps, a head q(s, a) to (1 - gamma) r + gamma V(s') (V the critic's value of states) per "
+                   "seed and pick the candidates by it (0: off; 100000 takes a few minutes per seed on a CPU)")
     args = p.parse_args(argv)
     if args.select == 1 or args.select < 0:
         raise SystemExit("diagnose_critic: --select needs at least 2 candidates (0: off)")
@@ -434,19 +439,71 @@ def td3bc_scorer(nets, state, norm):
     return state.critic, score, "TD3+BC's critic Q_1"
 
 
+def onestep_targets(data, values_next, gamma: float):
+    """(1 - gamma) r_t + gamma V(s_{t+1}) per row, V = 0 after a fall (a true termination at the episode's last row),
+    and the rows where it is defined: s_{t+1} stored, or the fall. In the readout's units, (1 - gamma) Q."""
+    t = np.arange(len(data.rewards))
+    end, known_end = np.asarray(data.episode_end), np.asarray(data.known_end)
+    fell = np.asarray(data.terminal) & (t == end)
+    y = (1 - gamma) * np.asarray(data.rewards, np.float64) + gamma * np.where(fell, 0.0, values_next)
+    return y, np.flatnonzero((t <= known_end) | fell)
+
+
+def fit_onestep_head(cfg, data, critic_value, steps: int, key, chunk: int = 65536):
+    """A head q(s, a) (an MLP of the run's widths on standardised states and the action) regressed for `steps`
+    Adam steps (batch and learning rate of the run) onto onestep_targets, with V(s') = critic_value(s') the critic's
+    readout at the policy's action: the contrastive critic's value of states, and the action's effect through the
+    data's own reward and next state. Not bootstrapped. Returns (score(head, s, a), head (its parameters and the
+    targets' scale), the mse of the last 100 batches over the targets' variance)."""
+    obs = np.asarray(data.observations)
+    mean, std = obs.mean(0), obs.std(0) + 1e-3
+    nxt = np.asarray(data.next_observations)
+    v = np.concatenate([np.asarray(critic_value(jnp.asarray(nxt[i:i + chunk]))) for i in range(0, len(nxt), chunk)])
+    y, rows = onestep_targets(data, v, cfg.gamma)
+    y_mean, y_std = y.mean(), y.std() + 1e-12
+    x = jnp.asarray(np.concatenate([(obs - mean) / std, np.asarray(data.actions)], 1), jnp.float32)
+    y, rows = jnp.asarray((y - y_mean) / y_std, jnp.float32), jnp.asarray(rows)
+    net = cvl.MLP(cfg.hidden, 1)
+    opt = optax.adam(cfg.lr)
+    k_init, k_steps = jax.random.split(key)
+    params = net.init(k_init, x[:1])
+
+    def step(carry, k):
+        params, opt_state = carry
+        i = rows[jax.random.randint(k, (cfg.batch_size,), 0, len(rows))]
+        loss, grad = jax.value_and_grad(lambda p: jnp.mean((net.apply(p, x[i])[:, 0] - y[i]) ** 2))(params)
+        updates, opt_state = opt.update(grad, opt_state)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    (params, _), losses = jax.jit(lambda p, ks: jax.lax.scan(step, (p, opt.init(p)), ks))(
+        params, jax.random.split(k_steps, steps))
+    mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+
+    def score(head, s, a):  # in the readout's units
+        q = net.apply(head["net"], jnp.concatenate([(s - mean) / std, a], -1))[..., 0]
+        return q * head["scale"] + head["shift"]
+    head = dict(net=params, scale=jnp.float32(y_std), shift=jnp.float32(y_mean))
+    return score, head, float(losses[-100:].mean())
+
+
 def select_in_closed_loop(args) -> list[dict]:
     """--select N: at every step of --episodes evaluation episodes per seed, N candidate actions from the policy of
     --candidates (a cvl.py run; default the diagnosed run), and the agent acts with the one the diagnosed run's
     critic rates highest, or with a uniformly random one of the same candidates, or with the policy's own action.
     best - random is what the critic's ranking of those actions is worth in the simulator (a critic that knows
-    nothing about them scores random's level). Seed i's critic picks among seed i's candidates. Prints a line per
-    seed; the scores are D4RL-normalised (raw returns for an env without reference returns)."""
+    nothing about them scores random's level). Seed i's critic picks among seed i's candidates. With --select-head
+    STEPS (a cvl.py run), also the best by a one-step head fitted to seed i's critic (fit_onestep_head), V(s') read
+    out at seed i's own policy's action. Prints a line per seed; the scores are D4RL-normalised (raw returns for an
+    env without reference returns)."""
     source = args.candidates or args.run
     if is_td3bc_run(source):
         raise SystemExit(f"diagnose_critic: --candidates {source} is a bench/td3_bc.py run, whose policy has no "
                          "spread to sample; name a cvl.py run")
     _, p_cfg, _, _, p_nets, p_seeds, p_state = load_cvl_run(source)
     if is_td3bc_run(args.run):
+        if args.select_head:
+            raise SystemExit("diagnose_critic: --select-head fits a head to a CVL critic's value of states; "
+                             f"{args.run} is a bench/td3_bc.py run")
         _, cfg, _, (env_id, ref_min, ref_max), nets, seeds, state, norm = load_td3bc_run(args.run)
         scorers, score, what = td3bc_scorer(nets, state, norm)
     else:
@@ -458,8 +515,8 @@ def select_in_closed_loop(args) -> list[dict]:
     def propose(actor, s):
         return cvl.actor_dist(p_nets, actor, s, p_cfg)
 
-    def play(policy):
-        returns = cvl.evaluate(cvl.seeds_policy(cvl.env_policy(policy, env_id)), params, env_id, seeds[:k],
+    def play(policy, stacked=params):
+        returns = cvl.evaluate(cvl.seeds_policy(cvl.env_policy(policy, env_id)), stacked, env_id, seeds[:k],
                                args.episodes).mean(axis=1)
         return returns if ref_min is None else cvl.normalized_score(returns, ref_min, ref_max)
 
@@ -467,14 +524,29 @@ def select_in_closed_loop(args) -> list[dict]:
     best = play(selecting_policy(propose, score, n, spread, "best"))
     rand = play(selecting_policy(propose, score, n, spread, "random"))
     own = play(lambda prm, s: jnp.tanh(propose(prm[0], s)[0]))
+    heads = None
+    if args.select_head:
+        fitted = []
+        for i in range(k):
+            critic_i, actor_i = jax.tree.map(lambda x: x[i], (scorers, state.actor))
+            value = jax.jit(lambda s, c=critic_i, pi=actor_i: score(c, s, cvl.eval_action(nets, pi, s)))
+            fitted.append(fit_onestep_head(cfg, data, value, args.select_head, jax.random.key(args.seed + i)))
+        head_score = fitted[0][0]
+        heads = play(selecting_policy(propose, head_score, n, spread, "best"),
+                     (params[0], jax.tree.map(lambda *x: jnp.stack(x), *[f[1] for f in fitted])))
     print(f"  closed loop, {args.episodes} episodes per seed, {n} candidates per step (the policy's action and "
           f"{n - 1} samples, std x{spread:g}) from the policy of {source}, picked by {what}:")
     out = []
     for i in range(k):
         out.append(dict(best=float(best[i]), random=float(rand[i]), policy=float(own[i]),
                         gain=float(best[i] - rand[i])))
+        head = ""
+        if heads is not None:
+            out[-1].update(head_best=float(heads[i]), head_gain=float(heads[i] - rand[i]), head_mse=fitted[i][2])
+            head = (f"; the one-step head's best {heads[i]:.1f} (gain {heads[i] - rand[i]:+.1f}; fitted to mse "
+                    f"{fitted[i][2]:.3f} of the targets' variance)")
         print(f"  seed {seeds[i]}: the critic's best {best[i]:.1f}, a random one {rand[i]:.1f} (gain "
-              f"{best[i] - rand[i]:+.1f}); the policy's own action {own[i]:.1f}")
+              f"{best[i] - rand[i]:+.1f}); the policy's own action {own[i]:.1f}{head}")
     return out
 
 
