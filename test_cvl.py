@@ -2146,7 +2146,7 @@ def test_closed_loop_selection_picks_the_candidate_the_critic_rates_highest(tmp_
         np.testing.assert_allclose(np.asarray(score(mine, s, a)), np.min(want, axis=0), rtol=1e-4, atol=1e-6)
         # the selecting policy acts with a candidate whose Q is the highest of its state's candidates
         propose = partial(cvl.actor_dist, nets, cfg=cfg)
-        policy = diagnose_critic.selecting_policy(lambda p, x: propose(p, x), score, 6, 1.0, "best")
+        policy = diagnose_critic.selecting_policy(propose, score, 6, 1.0, "best")
         actor = jax.tree.map(lambda x: x[seed], state.actor)
         acted = np.asarray(policy((actor, mine), jnp.asarray(s)))
         cand = np.asarray(diagnose_critic.candidate_actions(*propose(actor, jnp.asarray(s)),

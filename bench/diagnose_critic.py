@@ -441,12 +441,11 @@ def td3bc_scorer(nets, state, norm):
 
 def onestep_targets(data, values_next, gamma: float):
     """(1 - gamma) r_t + gamma V(s_{t+1}) per row, V = 0 after a fall (a true termination at the episode's last row),
-    and the rows where it is defined: s_{t+1} stored, or the fall. In the readout's units, (1 - gamma) Q."""
-    t = np.arange(len(data.rewards))
-    end, known_end = np.asarray(data.episode_end), np.asarray(data.known_end)
-    fell = np.asarray(data.terminal) & (t == end)
+    and the rows where it is defined: s_{t+1} stored, or the fall (as TD3+BC's targets). In the readout's units,
+    (1 - gamma) Q."""
+    fell, rows = import_td3_bc().usable_rows(data)
     y = (1 - gamma) * np.asarray(data.rewards, np.float64) + gamma * np.where(fell, 0.0, values_next)
-    return y, np.flatnonzero((t <= known_end) | fell)
+    return y, rows
 
 
 def fit_onestep_head(cfg, data, critic_value, steps: int, key, chunk: int = 65536):
@@ -456,7 +455,7 @@ def fit_onestep_head(cfg, data, critic_value, steps: int, key, chunk: int = 6553
     data's own reward and next state. Not bootstrapped. Returns (score(head, s, a), head (its parameters and the
     targets' scale), the mse of the last 100 batches over the targets' variance)."""
     obs = np.asarray(data.observations)
-    mean, std = obs.mean(0), obs.std(0) + 1e-3
+    mean, std = import_td3_bc().normalizer(obs)  # standardised states, as TD3+BC's critic sees them
     nxt = np.asarray(data.next_observations)
     v = np.concatenate([np.asarray(critic_value(jnp.asarray(nxt[i:i + chunk]))) for i in range(0, len(nxt), chunk)])
     y, rows = onestep_targets(data, v, cfg.gamma)
@@ -499,7 +498,6 @@ def select_in_closed_loop(args) -> list[dict]:
     if is_td3bc_run(source):
         raise SystemExit(f"diagnose_critic: --candidates {source} is a bench/td3_bc.py run, whose policy has no "
                          "spread to sample; name a cvl.py run")
-    _, p_cfg, _, _, p_nets, p_seeds, p_state = load_cvl_run(source)
     if is_td3bc_run(args.run):
         if args.select_head:
             raise SystemExit("diagnose_critic: --select-head fits a head to a CVL critic's value of states; "
@@ -509,6 +507,10 @@ def select_in_closed_loop(args) -> list[dict]:
     else:
         _, cfg, data, (env_id, ref_min, ref_max), nets, seeds, state = load_cvl_run(args.run)
         scorers, score, what = cvl_scorer(nets, cfg, state, data, args.select_goals, jax.random.key(args.seed))
+    if source == args.run:  # the diagnosed cvl.py run proposes its own candidates
+        p_cfg, p_nets, p_seeds, p_state = cfg, nets, seeds, state
+    else:
+        _, p_cfg, _, _, p_nets, p_seeds, p_state = load_cvl_run(source)
     k = min(len(seeds), len(p_seeds), args.seeds or len(seeds))
     params = jax.tree.map(lambda x: x[:k], (p_state.actor, scorers))
 
@@ -523,7 +525,7 @@ def select_in_closed_loop(args) -> list[dict]:
     n, spread = args.select, args.select_spread
     best = play(selecting_policy(propose, score, n, spread, "best"))
     rand = play(selecting_policy(propose, score, n, spread, "random"))
-    own = play(lambda prm, s: jnp.tanh(propose(prm[0], s)[0]))
+    own = play(lambda prm, s: cvl.eval_action(p_nets, prm[0], s))
     heads = None
     if args.select_head:
         fitted = []

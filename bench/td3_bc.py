@@ -61,14 +61,21 @@ def normalizer(observations: np.ndarray, eps: float = 1e-3) -> tuple[np.ndarray,
     return observations.mean(axis=0), observations.std(axis=0) + eps
 
 
-def make_transitions(data: cvl.Data, mean, std) -> Transitions:
-    obs, next_obs = np.asarray(data.observations), np.asarray(data.next_observations)
+def usable_rows(data: cvl.Data) -> tuple[np.ndarray, np.ndarray]:
+    """(dones, rows): whether row j ends its episode by a true termination (nothing to bootstrap from after it), and
+    the rows with a one-step target: next state known, or such a termination."""
     end, known_end = np.asarray(data.episode_end), np.asarray(data.known_end)
     j = np.arange(len(end))
     dones = np.asarray(data.terminal) & (j == end)
+    return dones, np.flatnonzero((j <= known_end) | dones)
+
+
+def make_transitions(data: cvl.Data, mean, std) -> Transitions:
+    obs, next_obs = np.asarray(data.observations), np.asarray(data.next_observations)
+    dones, rows = usable_rows(data)
     return Transitions(((obs - mean) / std).astype(np.float32), np.asarray(data.actions),
                        np.asarray(data.rewards), ((next_obs - mean) / std).astype(np.float32),
-                       dones.astype(np.float32), np.flatnonzero((j <= known_end) | dones).astype(np.int32))
+                       dones.astype(np.float32), rows.astype(np.int32))
 
 
 # ============================================================================================== networks
