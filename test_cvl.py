@@ -830,6 +830,117 @@ def test_actor_moves_towards_what_a_frozen_critic_prefers(objective, flags):
     assert objective != "awr" or 1 / 256 <= float(metrics["awr_ess"]) <= 1
 
 
+class QuadraticHeads:
+    """Hand-made one-step heads for --pick-samples: q_k(s, a) = -|a - t_k|^2 + c_k, t_k and c_k their parameters."""
+    @staticmethod
+    def apply(h, x):
+        return (-jnp.sum((x[..., -2:] - h["t"]) ** 2, axis=-1) + h["c"])[..., None]
+
+
+def test_pick_takes_a_sample_only_where_every_head_prefers_it_by_the_margin():
+    """pick_action against numpy: N candidates (the own action tanh(mean), then tanh(mean + spread std eps)), each
+    scored min_k gain_k - margin std_k(gain_k) with gain over the own action, the own action scoring 0."""
+    rng = np.random.default_rng(4)
+    b, k = 64, 3
+    s = jnp.asarray(rng.normal(size=(b, 3)), jnp.float32)
+    mean, std = jnp.asarray(rng.normal(size=(b, 2)) * 0.5, jnp.float32), jnp.full((b, 2), 0.4, jnp.float32)
+    heads = dict(t=jnp.asarray(rng.uniform(-0.8, 0.8, (k, 2)) * 0.3 + 0.5, jnp.float32),
+                 c=jnp.asarray(rng.normal(size=k), jnp.float32))
+    nets = cvl.make_networks(cvl.make_config("cpu", hidden=(8,)), 2)._replace(head=QuadraticHeads())
+    key = jax.random.key(7)
+    for margin in (0.0, 0.7):
+        cfg = cvl.make_config("cpu", pick_samples=8, pick_heads=k, pick_spread=1.5, pick_margin=margin)
+        picked, switched = cvl.pick_action(nets, heads, s, mean, std, key, cfg)
+        eps = np.asarray(jax.random.normal(key, (7, b, 2)))
+        cand = np.tanh(np.concatenate([np.asarray(mean)[None], np.asarray(mean) + 1.5 * 0.4 * eps]))  # [8, b, 2]
+        q = -((cand[None] - np.asarray(heads["t"])[:, None, None]) ** 2).sum(-1) + np.asarray(heads["c"])[:, None, None]
+        gain = q - q[:, :1]
+        score = gain.min(0) - margin * gain.std(0)
+        score[0] = 0.0
+        best = score.argmax(0)
+        np.testing.assert_allclose(picked, cand[best, np.arange(b)], atol=1e-5)
+        np.testing.assert_array_equal(switched, best > 0)
+        assert 0 < np.mean(best > 0) < 1  # both cases occur
+    cfg = cvl.make_config("cpu", pick_samples=8, pick_heads=2, pick_margin=0.0)
+    opposed = dict(t=jnp.asarray([[0.5, 0.5], [-0.5, -0.5]]), c=jnp.zeros(2))  # no sample is nearer both
+    picked, switched = cvl.pick_action(nets._replace(head=type("Opposed", (), {"apply": staticmethod(
+        lambda h, x: h["c"] * 0 + jnp.sum(x[..., -2:] * h["t"], axis=-1)[..., None])})()), opposed, s, mean, std,
+        key, cfg)
+    assert not np.any(switched) and np.allclose(picked, np.tanh(mean), atol=1e-6)
+
+
+def test_the_pick_moves_the_actor_to_what_all_heads_prefer_and_nowhere_when_they_disagree():
+    """with_pick over an objective that adds nothing: 300 Adam steps move the deterministic action to the point
+    every head prefers; heads that always disagree (q_2 = -q_1) leave the actor exactly where it was."""
+    batch, _, _ = frozen_critic_problem(128, data_actions=True)
+    cfg = cvl.make_config("cpu", hidden=(32, 32), pick_samples=16, pick_heads=2)
+    nets = cvl.make_networks(cfg, 2)._replace(head=QuadraticHeads())
+    nothing = lambda actor, critic, psi, nets, batch, key, alpha, cfg: (jnp.zeros(()), {})
+    target = jnp.asarray([0.6, -0.4])
+
+    def train(heads):
+        actor = nets.actor.init(jax.random.key(0), batch.observations)
+        opt = cvl.make_optimizer(cfg)
+        opt_state = opt.init(actor)
+        grad = jax.jit(jax.grad(lambda p, k: cvl.with_pick(nothing, p, {"heads": heads}, None, nets, batch, k, 0.0,
+                                                           cfg)[0]))
+        for i in range(300):
+            updates, opt_state = opt.update(grad(actor, jax.random.key(i)), opt_state)
+            actor = optax.apply_updates(actor, updates)
+        return actor, np.asarray(cvl.eval_action(nets, actor, batch.observations))
+
+    start = np.asarray(cvl.eval_action(nets, nets.actor.init(jax.random.key(0), batch.observations),
+                                       batch.observations))
+    _, agreed = train(dict(t=jnp.stack([target, target]), c=jnp.asarray([0.0, 1.0])))
+    assert np.abs(agreed - target).mean() < 0.1 < np.abs(start - target).mean()
+    flip = type("Flip", (), {"apply": staticmethod(lambda h, x: h["c"][..., None] * QuadraticHeads.apply(h, x))})()
+    nets = nets._replace(head=flip)
+    actor, disagreed = train(dict(t=jnp.stack([target, target]), c=jnp.asarray([1.0, -1.0])))
+    np.testing.assert_array_equal(disagreed, start)
+
+
+def test_onestep_heads_fit_the_backup_of_the_critics_state_value_and_leave_the_critic_alone():
+    """onestep_target is (1 - gamma) r + gamma Q(s', tanh(mean(s'))) (the readout, each row's own goal left out), 0
+    for V after a fall; the heads' loss is each head's mean squared error on its half of the batch and sends no
+    gradient to phi or psi."""
+    b, gamma = 16, 0.9
+    cfg = cvl.make_config("cpu", hidden=(16,), repr_dim=4, batch_size=b, gamma=gamma, pick_samples=4, pick_heads=2)
+    nets = cvl.make_networks(cfg, 2)
+    state = cvl.init_state(jax.random.key(0), cfg, nets, 3, 2)
+    rng = np.random.default_rng(2)
+    f32 = partial(jnp.asarray, dtype=jnp.float32)
+    s, s_next, g = (f32(rng.normal(size=(b, 3))) for _ in range(3))
+    a, r = f32(rng.uniform(-1, 1, (b, 2))), f32(rng.normal(size=b))
+    done = jnp.asarray(rng.uniform(size=b) < 0.3)
+    batch = cvl.Batch(s, a, g, jnp.zeros(b, bool), r, s_next, jnp.zeros(b, bool), done, r)
+    psi = nets.psi.apply(state.critic["psi"], g)
+    target = cvl.onestep_target(nets, state.critic, state.actor, psi, batch, cfg)
+    a_next = np.tanh(np.split(np.asarray(nets.actor.apply(state.actor, s_next)), 2, axis=1)[0])
+    f = np.asarray(nets.phi.apply(state.critic["phi"], jnp.concatenate([s_next, f32(a_next)], 1))) @ np.asarray(psi).T
+    np.fill_diagonal(f, -np.inf)
+    w = np.exp(f - f.max(1, keepdims=True))
+    v = (w @ np.asarray(r)) / w.sum(1)
+    np.testing.assert_allclose(target, (1 - gamma) * np.asarray(r) + gamma * np.where(done, 0.0, v), rtol=1e-4,
+                               atol=1e-5)
+    nce = cvl.CRITIC_LOSSES["nce"]
+    shard = lambda x, *_: x
+
+    def head_part(critic, key):
+        with_heads = cvl.with_onestep_heads(nce, critic, state, batch, key, cfg, nets, shard)[0]
+        return with_heads - nce(critic, state, batch, key, cfg, nets, shard)[0]
+
+    key = jax.random.key(3)
+    half = np.asarray(jax.random.bernoulli(jax.random.fold_in(key, 17), 0.5, (2, b)))
+    q = np.stack([np.asarray(nets.head.apply(jax.tree.map(lambda x: x[i], state.critic["heads"]),
+                                             jnp.concatenate([s, a], 1)))[:, 0] for i in range(2)])
+    err = (q - np.asarray(target)) ** 2
+    assert float(head_part(state.critic, key)) == pytest.approx(sum((half[i] * err[i]).sum() / half[i].sum()
+                                                                    for i in range(2)), rel=1e-4)
+    grads = jax.grad(head_part)(state.critic, key)
+    assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves((grads["phi"], grads["psi"])))
+    assert float(jnp.abs(jax.tree.leaves(grads["heads"])[0]).max()) > 0
+
+
 def test_ddpg_actor_loss_against_a_hand_computation():
     """-lambda Q(s, tanh(mean)) + mean_dims (tanh(mean) - a)^2, lambda = ddpg_alpha / mean|Q|, plus the BC NLL of the
     std with the mean held fixed: the mean's gradient comes from the first two terms only."""
@@ -1350,6 +1461,10 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     (dict(action_negatives=-1), "--action-negatives must be >= 0"),
     (dict(action_coef=2.0), "--action-coef 2.0 does nothing with --action-negatives 0: add --action-negatives M"),
     (dict(action_sampler="uniform"), "--action-sampler uniform does nothing with --action-negatives 0"),
+    (dict(pick_margin=2.0), "--pick-margin 2.0 does nothing with --pick-samples 0: add --pick-samples M"),
+    (dict(pick_samples=1), "--pick-samples needs 2 or more candidates"),
+    (dict(pick_samples=8, critics=2), "--pick-samples needs 2 or more candidates, one critic (--critics 1)"),
+    (dict(pick_samples=8, pick_heads=0), "--pick-heads must be positive"),
     (dict(batch_size=1), "--batch-size 1 leaves the critic no negatives"),
     (dict(goal_reward="goal"), "--goal-reward goal leaves r_t out of Q"),
 ])
