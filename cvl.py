@@ -307,7 +307,8 @@ def check_config(cfg: Config) -> None:
     check_ranges(cfg, positive=("repr_dim", "critics", "adam_eps", "actor_min_std", "awr_max_weight", "td_max_weight",
                                 "ddpg_alpha", "pick_heads", "pick_spread"),
                  at_least_0=("devices", "alpha", "awr_beta", "video_steps", "num_processes", "action_negatives",
-                             "action_coef", "pick_samples", "pick_margin", "pick_coef"), below_1=("gamma",), up_to_1=("tau",))
+                             "action_coef", "pick_samples", "pick_margin", "pick_coef"),
+                 below_1=("gamma",), up_to_1=("tau",))
     if cfg.process_id < -1:
         raise CVLError(f"--process-id must be >= 0 (or -1: from the cluster), got {cfg.process_id}")
     if not cfg.actor_max_std > cfg.actor_min_std:

@@ -2092,11 +2092,12 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
     expected = [sum(0.9 ** (j - t) * rewards[j] for j in range(t, ends[t] + 1)) for t in range(50)]
     np.testing.assert_allclose(diagnose_critic.mc_returns(rewards, ends, 0.9), expected, rtol=1e-10)
 
-    final = cvl.train(small_config(dataset, tmp_path, steps=100, num_seeds=2, eval_every=100, actor_objective="q"))
+    final = cvl.train(small_config(dataset, tmp_path, steps=100, num_seeds=2, eval_every=100, actor_objective="q",
+                                   pick_samples=4, pick_heads=2))
     results = diagnose_critic.main([final["run_dir"], "--rows", "128", "--min-horizon", "20", "--simulate", "16",
                                     "--horizon", "20"])
     out = capsys.readouterr().out
-    assert [r["seed"] for r in results] == [0, 1] and out.count("corr(Q, MC return)") == 6
+    assert [r["seed"] for r in results] == [0, 1] and out.count("corr(Q, MC return)") == 8  # 3 estimators, heads
     assert out.count("AWR advantage td") == 4 and out.count("corr(A, A')") == 2 * len(cvl.ADVANTAGES)
     ckpt = cvl.load_checkpoint(Path(final["run_dir"]))
     cfg = ckpt["config"]
@@ -2131,6 +2132,15 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
                                 near_batch.goal_rewards, cfg)
         np.testing.assert_allclose(sim["q_near"], np.asarray(q_near)[:16], rtol=1e-5, atol=1e-7)
         assert sim["near_agree"] == np.mean((q["q"][:16] > sim["q_near"]) == (sim["g_data"] > sim["g_near"]))
+        # the one-step heads (--pick-samples): their mean Q of the rows, by hand, and its agreement on the same pairs
+        s_rows = data.observations[r["rows"]]
+        q_heads = np.mean([np.asarray(nets.head.apply(jax.tree.map(lambda x: x[k], critic_i["heads"]),
+                                                      jnp.concatenate([s_rows, data.actions[r["rows"]]], 1)))[:, 0]
+                           for k in range(2)], axis=0)
+        np.testing.assert_allclose(r["heads"]["q"], q_heads, rtol=1e-5, atol=1e-6)
+        assert r["heads"]["corr"][0] == pytest.approx(np.corrcoef(q_heads, want)[0, 1], abs=1e-6)
+        h = r["heads"]
+        assert sim["heads"]["agree"] == np.mean((h["q"][:16] > h["q_random"][:16]) == (sim["g_data"] > sim["g_random"]))
         # each AWR advantage of the simulated rows, as training computes it on the run's own batch of those rows
         i = r["seed"]
         critic, actor = (jax.tree.map(lambda x: x[i], tree) for tree in (state.critic, state.actor))

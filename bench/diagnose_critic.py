@@ -163,6 +163,15 @@ def diagnose(args) -> list[dict]:
             print(f"   {mark}{name:>10}: corr(Q, MC return) {show(result[name]['corr'])} | "
                   f"Q(a_data) > Q(a_random) {result[name]['beats_random']:.3f} | Q mean {q_data.mean():.3g}")
 
+        if "heads" in critic:  # --pick-samples: the one-step heads its pick reads (here their mean)
+            def q_heads(actions):
+                return per_batch(lambda sl: cvl.head_values(nets, critic["heads"], s[sl], actions[sl]).mean(0))
+
+            q_data, q_rand = q_heads(a), q_heads(a_rand)
+            result["heads"] = dict(corr=correlations(q_data, ret), beats_random=float(np.mean(q_data > q_rand)),
+                                   q=q_data, q_random=q_rand)
+            print(f"     one-step heads (mean of {cfg.pick_heads}): corr(Q, MC return) {show(result['heads']['corr'])}"
+                  f" | Q(a_data) > Q(a_random) {result['heads']['beats_random']:.3f}")
         own_q = result[cfg.q_estimator]["q"]
         grad = per_batch(lambda sl: jax.grad(lambda x: cvl.q_estimate(nets, critic, s[sl], x, psi(sl), r_g[sl],
                                                                        cfg).sum())(a[sl]))
@@ -185,6 +194,10 @@ def diagnose(args) -> list[dict]:
             sim = result["simulated"] = simulate_pairs(env_id, s, a, a_rand, a_near, own["q"], own["q_random"],
                                                        q(a_near, cfg.q_estimator), policy, cfg.gamma, args,
                                                        f"the critic ({cfg.q_estimator})", uphill(a, grad, args.near))
+            if "heads" in result:  # the same simulated pairs, ranked by the heads
+                heads = result["heads"]
+                sim["heads"] = pair_agreement(sim, heads["q"], heads["q_random"], q_heads(a_near),
+                                              "the one-step heads", args.horizon)
             ok, n = sim["ok"], len(sim["ok"])
             g_data, g_pi = sim["g_data"], sim["g_policy"]
             for name in cvl.ADVANTAGES:  # each AWR advantage of the data's action, computed as in training
@@ -243,21 +256,32 @@ def simulate_pairs(env_id, s, a, a_rand, a_near, q_data, q_rand, q_near, policy,
     g = simulated_returns(env_id, np.asarray(s[:n]), first_actions, policy, gamma, args.horizon)  # i, n + i, ...
     ok = ~np.isnan(g[:n])
     g_data, g_rand, g_near, g_pi, g_up = (g[k * n:(k + 1) * n][ok] for k in range(5))
-    q_d, q_r, q_n = (np.asarray(x)[:n][ok] for x in (q_data, q_rand, q_near))
     sim = dict(rows=int(ok.sum()), ok=ok, g_data=g_data, g_random=g_rand, g_near=g_near, g_policy=g_pi,
-               a_near=np.asarray(a_near[:n])[ok], q_near=q_n, g_up=g_up, a_up=np.asarray(a_up[:n])[ok],
-               up_better=float(np.mean(g_up > g_data)), up_gain=float(np.mean(g_up - g_data)))
-    for prefix, other, g_o, q_o in (("", "random", g_rand, q_r), ("near_", "near", g_near, q_n)):
-        sim.update({f"{prefix}data_better": float(np.mean(g_data > g_o)),
-                    f"{prefix}agree": float(np.mean((q_d > q_o) == (g_data > g_o))),
-                    f"{prefix}corr": correlations(q_d - q_o, g_data - g_o)})
-        print(f"    simulator ({sim['rows']} rows, {args.horizon} steps, then this seed's policy), the data's action "
-              f"against a {other} one: the data's is better {sim[prefix + 'data_better']:.3f} of the time; "
-              f"{critic_name} agrees {sim[prefix + 'agree']:.3f}; corr(Q(a_data) - Q(a_{other}), G(a_data) - "
-              f"G(a_{other})) {show(sim[prefix + 'corr'])}")
+               a_near=np.asarray(a_near[:n])[ok], q_near=np.asarray(q_near)[:n][ok], g_up=g_up,
+               a_up=np.asarray(a_up[:n])[ok], up_better=float(np.mean(g_up > g_data)),
+               up_gain=float(np.mean(g_up - g_data)))
+    sim.update(pair_agreement(sim, q_data, q_rand, q_near, critic_name, args.horizon))
     print(f"    simulator, the data's action moved {args.near} along the critic's gradient dQ/da (the policy step's "
           f"direction): the return rises {sim['up_better']:.3f} of the time, by {sim['up_gain']:+.3g} on average")
     return sim
+
+
+def pair_agreement(sim: dict, q_data, q_rand, q_near, critic_name: str, horizon: int) -> dict:
+    """Against simulate_pairs' returns: how often a critic's Q of the simulated rows (the data's action, a random
+    one, a near one) agrees with G on which of a pair is better, and corr(dQ, dG); "near_*" for the near pair."""
+    n, ok = len(sim["ok"]), sim["ok"]
+    g_data = sim["g_data"]
+    q_d, q_r, q_n = (np.asarray(x)[:n][ok] for x in (q_data, q_rand, q_near))
+    out = {}
+    for prefix, other, g_o, q_o in (("", "random", sim["g_random"], q_r), ("near_", "near", sim["g_near"], q_n)):
+        out.update({f"{prefix}data_better": float(np.mean(g_data > g_o)),
+                    f"{prefix}agree": float(np.mean((q_d > q_o) == (g_data > g_o))),
+                    f"{prefix}corr": correlations(q_d - q_o, g_data - g_o)})
+        print(f"    simulator ({sim['rows']} rows, {horizon} steps, then this seed's policy), the data's action "
+              f"against a {other} one: the data's is better {out[prefix + 'data_better']:.3f} of the time; "
+              f"{critic_name} agrees {out[prefix + 'agree']:.3f}; corr(Q(a_data) - Q(a_{other}), G(a_data) - "
+              f"G(a_{other})) {show(out[prefix + 'corr'])}")
+    return out
 
 
 def diagnose_td3bc(args) -> list[dict]:
