@@ -2340,6 +2340,10 @@ def test_closed_loop_selection_from_the_command_line(tmp_path, dataset, capsys):
         sel = r["select"]
         assert sel["random"] == before["select"]["random"] and sel["head_gain"] == pytest.approx(
             sel["head_best"] - sel["random"]) and sel["head_mse"] > 0
+    # several heads with a margin no gain can clear: every step keeps the policy's own action
+    cautious = diagnose_critic.main(base + ["--select", "3", "--select-head", "200", "--select-heads", "2",
+                                            "--select-margin", "1e9"])
+    assert [r["select"]["head_best"] for r in cautious] == [r["select"]["policy"] for r in results]
 
 
 def test_simulated_returns_restore_dataset_states_and_replay_their_rewards(raw_small):

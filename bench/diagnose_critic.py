@@ -92,6 +92,10 @@ def main(argv=None):
     p.add_argument("--select-head", type=int, default=0, help="with --select on a cvl.py run: also fit, for this "
                    "many steps, a head q(s, a) to (1 - gamma) r + gamma V(s') (V the critic's value of states) per "
                    "seed and pick the candidates by it (0: off; 100000 takes a few minutes per seed on a CPU)")
+    p.add_argument("--select-heads", type=int, default=1, help="with --select-head: fit this many heads per seed "
+                   "(other inits and batches) and pick as cvl.py's --pick-samples does: a sample replaces the "
+                   "policy's own action only where every head prefers it by --select-margin stds of their gains")
+    p.add_argument("--select-margin", type=float, default=0.0, help="with --select-head: cvl.py's --pick-margin")
     args = p.parse_args(argv)
     if args.select == 1 or args.select < 0:
         raise SystemExit("diagnose_critic: --select needs at least 2 candidates (0: off)")
@@ -428,6 +432,22 @@ def selecting_policy(propose, score, n: int, spread: float, how: str):
     return policy
 
 
+def picking_policy(propose, head_score, n: int, spread: float, margin: float):
+    """policy((proposer params, stacked heads), s) for cvl.evaluate: cvl.pick_action's choice among the same
+    candidates as selecting_policy's (its own action and n - 1 samples, the same key), scored by fitted heads
+    head_score(head, s, a) instead of cvl.py's own: the sample only where every head prefers it by `margin` stds.
+    With one head and no margin, the head's best."""
+    def policy(params, s):
+        proposer, heads = params
+        obs_dim = s.shape[-1]
+        fitted = type("Fitted", (), {"apply": staticmethod(
+            lambda h, x: head_score(h, x[..., :obs_dim], x[..., obs_dim:])[..., None])})()
+        cfg = cvl.Config(pick_samples=n, pick_spread=spread, pick_margin=margin, pick_heads=1)
+        nets = cvl.Networks(None, None, None, fitted)
+        return cvl.pick_action(nets, heads, s, *propose(proposer, s), obs_key(s), cfg)[0]
+    return policy
+
+
 def goal_readout(nets, critic: dict, s, a, psi, goal_rewards, estimator: str):
     """A CVL critic's Q(s, a) against one fixed set of data goals (psi, their rewards), for states that are not
     the goals' own rows: marginal as cvl.q_marginal, every other estimator as cvl.q_normalized (diag needs a row's
@@ -552,14 +572,16 @@ def select_in_closed_loop(args) -> list[dict]:
     own = play(lambda prm, s: cvl.eval_action(p_nets, prm[0], s))
     heads = None
     if args.select_head:
-        fitted = []
+        fitted = []  # per seed, --select-heads fits
         for i in range(k):
             critic_i, actor_i = jax.tree.map(lambda x: x[i], (scorers, state.actor))
             value = jax.jit(lambda s, c=critic_i, pi=actor_i: score(c, s, cvl.eval_action(nets, pi, s)))
-            fitted.append(fit_onestep_head(cfg, data, value, args.select_head, jax.random.key(args.seed + i)))
-        head_score = fitted[0][0]
-        heads = play(selecting_policy(propose, head_score, n, spread, "best"),
-                     (params[0], jax.tree.map(lambda *x: jnp.stack(x), *[f[1] for f in fitted])))
+            fitted.append([fit_onestep_head(cfg, data, value, args.select_head,
+                                            jax.random.fold_in(jax.random.key(args.seed + i), h))
+                           for h in range(args.select_heads)])
+        stack = lambda trees: jax.tree.map(lambda *x: jnp.stack(x), *trees)
+        heads = play(picking_policy(propose, fitted[0][0][0], n, spread, args.select_margin),
+                     (params[0], stack([stack([f[1] for f in per_seed]) for per_seed in fitted])))
     print(f"  closed loop, {args.episodes} episodes per seed, {n} candidates per step (the policy's action and "
           f"{n - 1} samples, std x{spread:g}) from the policy of {source}, picked by {what}:")
     out = []
@@ -568,9 +590,12 @@ def select_in_closed_loop(args) -> list[dict]:
                         gain=float(best[i] - rand[i])))
         head = ""
         if heads is not None:
-            out[-1].update(head_best=float(heads[i]), head_gain=float(heads[i] - rand[i]), head_mse=fitted[i][2])
-            head = (f"; the one-step head's best {heads[i]:.1f} (gain {heads[i] - rand[i]:+.1f}; fitted to mse "
-                    f"{fitted[i][2]:.3f} of the targets' variance)")
+            mse = float(np.mean([f[2] for f in fitted[i]]))
+            out[-1].update(head_best=float(heads[i]), head_gain=float(heads[i] - rand[i]), head_mse=mse)
+            which = ("the one-step head's best" if args.select_heads == 1 and args.select_margin == 0 else
+                     f"the pick of {args.select_heads} one-step heads (margin {args.select_margin:g})")
+            head = (f"; {which} {heads[i]:.1f} (gain {heads[i] - rand[i]:+.1f}; fitted to mse {mse:.3f} of the "
+                    f"targets' variance)")
         print(f"  seed {seeds[i]}: the critic's best {best[i]:.1f}, a random one {rand[i]:.1f} (gain "
               f"{best[i] - rand[i]:+.1f}); the policy's own action {own[i]:.1f}{head}")
     return out
