@@ -146,7 +146,9 @@ class Config(RunConfig):
                                  "offline RL), weights exp(awr_beta * A / std(A)); q: maximise the Q estimate at the "
                                  "policy's reparameterised actions plus a BC term (the paper; see --bc-coef); ddpg: "
                                  "TD3+BC's normalised DDPG+BC, lambda Q(s, pi(s)) - (pi(s) - a)^2 with lambda = "
-                                 "ddpg_alpha / mean|Q|.", choices=("awr", "q", "ddpg"))
+                                 "ddpg_alpha / mean|Q|; heads: the same step on --heads one-step heads (Q = (1 - "
+                                 "gamma) r + gamma V(s'), V the critic's value of states), pessimistic by "
+                                 "--head-margin.", choices=("awr", "q", "ddpg", "heads"))
     bc_coef: float = _flag(0.05, "With --actor-objective q: weight of the behaviour-cloning term; 1.0 is pure "
                            "behaviour cloning.")
     awr_beta: float = _flag(0.5, "With --actor-objective awr: inverse temperature on the batch-standardised "
@@ -156,21 +158,14 @@ class Config(RunConfig):
                                "data's transition, which needs only the critic's ranking of states; q: A = Q(s, a_data)"
                                " - V(s), the critic's own action ranking. V(s) = mean Q(s, a~pi).",
                                choices=("td", "q"))
-    pick_samples: int = _flag(0, "N: also regress the actor's mean onto the best of N candidates at the batch's "
-                              "states (its own action tanh(mean) and N - 1 samples of it), as ranked by "
-                              "--pick-heads one-step heads q(s, a) fitted beside the critic to (1 - gamma) r + gamma "
-                              "V(s'), V the contrastive value of states; a sample replaces the own action only where "
-                              "every head says it is better. 0: off.")
-    pick_heads: int = _flag(3, "With --pick-samples: number of one-step heads, each fitted to a random half of each "
-                            "batch; their disagreement is the pick's uncertainty.")
-    pick_spread: float = _flag(1.0, "With --pick-samples: the candidates' std, a multiple of the actor's.")
-    pick_margin: float = _flag(4.0, "With --pick-samples: a sample's score is the heads' smallest gain over the own "
-                               "action minus this many stds of their gains; the own action scores 0 (4: what kept "
-                               "hopper near its own score in closed loop, docs sixth session).")
-    pick_coef: float = _flag(1.0, "With --pick-samples: weight of the pick's NLL (at the actor's std, held fixed) "
-                             "beside the actor objective's loss.")
-    ddpg_alpha: float = _flag(2.5, "With --actor-objective ddpg: the Q term's weight relative to the BC term, as "
-                              "TD3+BC's alpha (its 2.5).")
+    heads: int = _flag(3, "With --actor-objective heads: K one-step heads q_k(s, a), the actor's architecture with "
+                       "one output, regressed beside the critic onto (1 - gamma) r + gamma V(s'), V the contrastive "
+                       "value of states, each on a random half of each batch; their disagreement is the "
+                       "objective's uncertainty.")
+    head_margin: float = _flag(1.0, "With --actor-objective heads: the policy climbs mean_k d_k - M std_k d_k, d_k = "
+                               "q_k(s, pi(s)) - q_k(s, a_data): a gain the heads disagree on counts M stds less.")
+    ddpg_alpha: float = _flag(2.5, "With --actor-objective ddpg or heads: the Q term's weight relative to the BC "
+                              "term, as TD3+BC's alpha (its 2.5).")
     alpha: float = _flag(0.0, "Entropy coefficient (0: no entropy bonus, as in the paper's offline setting).")
     auto_alpha: bool = _flag(False, "Tune alpha SAC-style towards entropy -|A| instead of a fixed --alpha.")
     actor_min_std: float = _flag(1e-6, "Lower bound of the std of the actor's Gaussian before tanh.")
@@ -267,11 +262,10 @@ VARIANT_FLAGS = {
     "tau": ("critic_loss", ("td",)), "td_max_weight": ("critic_loss", ("td",)),
     "td_weights": ("critic_loss", ("td",)),
     "action_coef": ("action_negatives", None), "action_sampler": ("action_negatives", None),
-    "bc_coef": ("actor_objective", ("q",)), "ddpg_alpha": ("actor_objective", ("ddpg",)),
+    "bc_coef": ("actor_objective", ("q",)), "ddpg_alpha": ("actor_objective", ("ddpg", "heads")),
     "awr_beta": ("actor_objective", ("awr",)), "awr_max_weight": ("actor_objective", ("awr",)),
     "awr_advantage": ("actor_objective", ("awr",)),
-    "pick_heads": ("pick_samples", None), "pick_spread": ("pick_samples", None),
-    "pick_margin": ("pick_samples", None), "pick_coef": ("pick_samples", None),
+    "heads": ("actor_objective", ("heads",)), "head_margin": ("actor_objective", ("heads",)),
     "alpha": ("actor_objective", ("awr", "q")), "auto_alpha": ("actor_objective", ("awr", "q")),
 }
 
@@ -305,9 +299,9 @@ def check_config(cfg: Config) -> None:
     """Range-check every flag, on every path (train, --resume, --evaluate, --inspect); one line per problem."""
     check_run_flags(cfg)
     check_ranges(cfg, positive=("repr_dim", "critics", "adam_eps", "actor_min_std", "awr_max_weight", "td_max_weight",
-                                "ddpg_alpha", "pick_heads", "pick_spread"),
+                                "ddpg_alpha", "heads"),
                  at_least_0=("devices", "alpha", "awr_beta", "video_steps", "num_processes", "action_negatives",
-                             "action_coef", "pick_samples", "pick_margin", "pick_coef"),
+                             "action_coef", "head_margin"),
                  below_1=("gamma",), up_to_1=("tau",))
     if cfg.process_id < -1:
         raise CVLError(f"--process-id must be >= 0 (or -1: from the cluster), got {cfg.process_id}")
@@ -331,11 +325,11 @@ def check_config(cfg: Config) -> None:
         raise CVLError("--goal-reward goal leaves r_t out of Q, so the TD advantage (1 - gamma) r_t + gamma V(s') - "
                        "V(s) would count it where V does not; use --goal-reward arrival (the default) with it, or "
                        "--awr-advantage q, or another --actor-objective")
-    if cfg.pick_samples == 1 or (cfg.pick_samples > 0 and (cfg.critics > 1 or cfg.q_estimator != "normalized"
-                                                             or cfg.goal_reward == "goal")):
-        raise CVLError("--pick-samples needs 2 or more candidates, one critic (--critics 1) and V in the reward's "
-                       "units (--q-estimator normalized, --goal-reward arrival: the defaults), since its heads add "
-                       "r to V; change those flags or drop --pick-samples")
+    if cfg.actor_objective == "heads" and (cfg.critics > 1 or cfg.q_estimator != "normalized"
+                                           or cfg.goal_reward == "goal"):
+        raise CVLError("--actor-objective heads needs one critic (--critics 1) and V in the reward's units "
+                       "(--q-estimator normalized, --goal-reward arrival: the defaults), since its heads add r to V; "
+                       "change those flags or choose another --actor-objective")
     if cfg.actor_objective == "awr" and cfg.awr_advantage == "td" and cfg.q_estimator != "normalized":
         raise CVLError(f"--awr-advantage td adds r to Q, so Q must be in the reward's units, which --q-estimator "
                        f"{cfg.q_estimator} is not; use --q-estimator normalized (the default) or the paper's actor "
@@ -817,7 +811,7 @@ class Networks(NamedTuple):
     phi: MLP  # (s, a) -> repr_dim
     psi: MLP  # g -> repr_dim
     actor: MLP  # s -> (mean, pre-softplus std) of the Gaussian before tanh
-    head: MLP  # (s, a) -> q, a one-step head of --pick-samples
+    head: MLP  # (s, a) -> q, a one-step head of --actor-objective heads
 
 
 def make_networks(cfg: Config, act_dim: int) -> Networks:
@@ -1074,16 +1068,14 @@ def q_estimate(nets: Networks, critic, s, a, psi, goal_rewards, cfg: Config):
     return Q_ESTIMATORS[cfg.q_estimator](pair_logits(critic, sa_features(nets, critic, s, a), psi), goal_rewards)
 
 
-# One-step heads and the pick (--pick-samples N). The contrastive critic ranks states well, and the readout
+# One-step heads (--actor-objective heads). The contrastive critic ranks states well, and the readout
 # phi(s, a) . psi(g) hardly ranks actions: at gamma 0.99 an action is a small part of log p(g|s,a)/p(g). But
 # (1 - gamma) Q(s, a) = (1 - gamma) r(s, a) + gamma E[V(s') | s, a], and what the action changes there arrives
 # through the data's own reward and next state, whose value the critic does rank. So K heads q_k(s, a) are
 # regressed onto (1 - gamma) r + gamma V(s') (V: the readout at the actor's action tanh(mean(s')), 0 after a fall;
-# the critic held fixed, q never bootstrapped), each on a random half of the batch. A gradient of q off the data
-# flipped halfcheetah under DDPG+BC (docs, third session), so the actor never follows one: at each batch state it
-# scores N candidates (its own action and N - 1 samples of itself) and moves its mean towards the best, where a
-# sample only beats the own action if every head says so by more than --pick-margin stds of their gains; the
-# conservative pick is what keeps hopper's fragile gait (docs, sixth session).
+# the critic held fixed, q never bootstrapped), each on a random half of the batch, and the actor takes TD3+BC's
+# step on them (actor_loss_heads). In closed loop such heads rank a policy's samples as well as TD3+BC's critic does
+# on halfcheetah (docs, fifth session); where the heads disagree (off the data) the step counts their gain less.
 def head_values(nets: Networks, heads, s, a):
     """[K, rows]: every one-step head's q(s, a)."""
     return jax.vmap(lambda h: nets.head.apply(h, jnp.concatenate([s, a], axis=-1))[..., 0])(heads)
@@ -1101,38 +1093,11 @@ def with_onestep_heads(loss_fn, critic, state, batch, key, cfg, nets, shard):
     """loss_fn's loss plus the heads' squared error against onestep_target, each head on its own random half."""
     loss, (metrics, psi) = loss_fn(critic, state, batch, key, cfg, nets, shard)
     target = onestep_target(nets, critic, state.actor, psi, batch, cfg)
-    half = jax.random.bernoulli(jax.random.fold_in(key, 17), 0.5, (cfg.pick_heads, target.shape[0]))
+    half = jax.random.bernoulli(jax.random.fold_in(key, 17), 0.5, (cfg.heads, target.shape[0]))
     err = (head_values(nets, critic["heads"], batch.observations, batch.actions) - target) ** 2
     head_loss = jnp.sum(jnp.sum(half * err, axis=1) / jnp.maximum(half.sum(axis=1), 1))
-    return loss + head_loss, ({**metrics, "head_loss": head_loss / cfg.pick_heads, "head_target": target.mean()},
+    return loss + head_loss, ({**metrics, "head_loss": head_loss / cfg.heads, "head_target": target.mean()},
                               psi)
-
-
-def pick_action(nets: Networks, heads, s, mean, std, key, cfg: Config):
-    """Per row the best of N candidates (the own action tanh(mean) first, then tanh(mean + spread std eps)) by
-    min_k gain_k - margin std_k(gain_k), gain_k = q_k(s, a) - q_k(s, own); the own action scores 0, so a sample
-    is picked only where every head prefers it. Returns the pick [rows, |A|] and which rows switched."""
-    u = mean + cfg.pick_spread * std * jax.random.normal(key, (cfg.pick_samples - 1, *mean.shape))
-    candidates = jnp.concatenate([jnp.tanh(mean)[None], jnp.tanh(u)])  # [N, rows, |A|]
-    q = jax.vmap(lambda a: head_values(nets, heads, s, a), out_axes=1)(candidates)  # [K, N, rows]
-    gain = q - q[:, :1]
-    score = (gain.min(axis=0) - cfg.pick_margin * gain.std(axis=0)).at[0].set(0.0)
-    best = jnp.argmax(score, axis=0)
-    return jnp.take_along_axis(candidates, best[None, :, None], axis=0)[0], best > 0
-
-
-def with_pick(objective, actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):
-    """The actor objective's loss plus pick_coef times the NLL of pick_action's choice where it switched, under the
-    actor's mean with its std held fixed (the metric of AWR's own NLL: the mean settles about one pick beyond the
-    objective's own, a trust region of the policy's spread)."""
-    loss, metrics = objective(actor, critic, psi, nets, batch, key, alpha, cfg)
-    mean, std = actor_dist(nets, actor, batch.observations, cfg)
-    std = jax.lax.stop_gradient(std)
-    target, switched = pick_action(nets, critic["heads"], batch.observations, jax.lax.stop_gradient(mean), std,
-                                   jax.random.fold_in(key, 23), cfg)
-    pick_nll = jnp.where(switched, bc_nll(mean, std, target), 0.0)  # the own action as target says nothing
-    loss = loss + cfg.pick_coef * pick_nll.mean()
-    return loss, {**metrics, "actor_loss": loss, "pick_switched": switched.mean(), "pick_nll": pick_nll.mean()}
 
 
 # Actor objectives. Each maps (actor params, frozen critic, the batch's goal features psi) to (loss, metrics).
@@ -1226,23 +1191,42 @@ def actor_loss_awr(actor, critic, psi, nets: Networks, batch: Batch, key, alpha,
                       awr_weight_max=w.max(), awr_adv_std=adv.std(), awr_ess=ess)
 
 
-def actor_loss_ddpg(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):
+def ddpg_bc(q, q_scale, mean, std, actions, cfg: Config):
     """TD3+BC's normalised DDPG+BC (Fujimoto & Gu 2021), which Park et al. (2024) found extracts a policy from a
-    critic far better than AWR: -lambda Q(s, pi(s)) + mean over dims of (pi(s) - a_data)^2 with pi(s) = tanh(mean)
-    and lambda = ddpg_alpha / mean_batch |Q| held fixed, so the trade-off is free of Q's scale. The std is not in
-    that objective; it is fitted by BC alone (the mean held fixed), so the policy's spread stays the data's where
-    a sample of pi is needed (V(s) of the TD advantage, contrastive TD's next action)."""
-    mean, std = actor_dist(nets, actor, batch.observations, cfg)
-    a = jnp.tanh(mean)
-    q = q_estimate(nets, critic, batch.observations, a, psi, batch.goal_rewards, cfg)
-    lmbda = jax.lax.stop_gradient(cfg.ddpg_alpha / (jnp.abs(q).mean() + 1e-8))
-    mse = jnp.mean((a - batch.actions) ** 2, axis=-1)
-    std_nll = bc_nll(jax.lax.stop_gradient(mean), std, batch.actions)
+    critic far better than AWR: -lambda q + mean over dims of (pi(s) - a_data)^2, q the objective at pi(s) =
+    tanh(mean), lambda = ddpg_alpha / mean_batch |q_scale| held fixed, so the trade-off is free of Q's scale. The
+    std is not in that objective; it is fitted by BC alone (the mean held fixed), so the policy's spread stays the
+    data's where a sample of pi is needed (V(s) of the TD advantage, contrastive TD's next action)."""
+    lmbda = jax.lax.stop_gradient(cfg.ddpg_alpha / (jnp.abs(q_scale).mean() + 1e-8))
+    mse = jnp.mean((jnp.tanh(mean) - actions) ** 2, axis=-1)
+    std_nll = bc_nll(jax.lax.stop_gradient(mean), std, actions)
     loss = jnp.mean(-lmbda * q + mse) + std_nll.mean()
-    return loss, dict(actor_loss=loss, q_mean=q.mean(), bc_mse=mse.mean(), bc_nll=std_nll.mean(), lmbda=lmbda)
+    return loss, dict(actor_loss=loss, bc_mse=mse.mean(), bc_nll=std_nll.mean(), lmbda=lmbda)
 
 
-ACTOR_OBJECTIVES = {"q": actor_loss_q, "awr": actor_loss_awr, "ddpg": actor_loss_ddpg}
+def actor_loss_ddpg(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):
+    """DDPG+BC on the critic's Q estimate."""
+    mean, std = actor_dist(nets, actor, batch.observations, cfg)
+    q = q_estimate(nets, critic, batch.observations, jnp.tanh(mean), psi, batch.goal_rewards, cfg)
+    loss, metrics = ddpg_bc(q, q, mean, std, batch.actions, cfg)
+    return loss, {**metrics, "q_mean": q.mean()}
+
+
+def actor_loss_heads(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):
+    """DDPG+BC on the one-step heads: the policy climbs mean_k d_k - head_margin std_k d_k, d_k = q_k(s, pi(s)) -
+    q_k(s, a_data), each head's gain over the data's action, so a gain the heads disagree on counts less; lambda
+    is scaled by the heads' mean |q(s, a_data)|, as TD3+BC's by its |Q|."""
+    mean, std = actor_dist(nets, actor, batch.observations, cfg)
+    q_data = head_values(nets, critic["heads"], batch.observations, batch.actions)
+    gain = head_values(nets, critic["heads"], batch.observations, jnp.tanh(mean)) - q_data
+    spread = jnp.sqrt(gain.var(axis=0) + 1e-12)  # the std, with a finite gradient where the heads' gains agree
+    loss, metrics = ddpg_bc(gain.mean(0) - cfg.head_margin * spread, q_data.mean(0), mean, std, batch.actions, cfg)
+    return loss, {**metrics, "q_mean": q_data.mean(), "head_gain": gain.mean(), "head_gain_std": spread.mean(),
+                  "heads_agree": jnp.mean(jnp.all(gain > 0, axis=0))}
+
+
+ACTOR_OBJECTIVES = {"q": actor_loss_q, "awr": actor_loss_awr, "ddpg": actor_loss_ddpg,
+                    "heads": actor_loss_heads}
 
 
 # ======================================================================================================= update
@@ -1267,8 +1251,8 @@ def init_critic(k_phi, k_psi, cfg: Config, nets: Networks, obs_dim: int, act_dim
               "psi": nets.psi.init(k_psi, jnp.zeros((1, obs_dim))), "absorbing": jnp.zeros(cfg.repr_dim)}
     if cfg.action_negatives > 0 and cfg.action_sampler == "bc":  # the behaviour model, the actor's architecture
         critic["behavior"] = nets.actor.init(jax.random.fold_in(k_phi, 2), jnp.zeros((1, obs_dim)))
-    if cfg.pick_samples > 0:  # the one-step heads, stacked on a leading axis
-        keys = jax.random.split(jax.random.fold_in(k_phi, 4), cfg.pick_heads)
+    if cfg.actor_objective == "heads":  # the one-step heads, stacked on a leading axis
+        keys = jax.random.split(jax.random.fold_in(k_phi, 4), cfg.heads)
         critic["heads"] = jax.vmap(lambda k: nets.head.init(k, jnp.zeros((1, obs_dim + act_dim))))(keys)
     if cfg.repr_norm == "unit":  # SigLIP's start: scale 10, and a bias at the log-odds of a positive, 1 / (B - 1)
         critic.update(absorbing=jax.random.normal(jax.random.fold_in(k_psi, 1), (cfg.repr_dim,)),
@@ -1315,7 +1299,7 @@ def critic_loss(critic, state: TrainState, batch: Batch, key, cfg: Config, nets:
     loss_fn = CRITIC_LOSSES[cfg.critic_loss]
     if cfg.action_negatives > 0:
         loss_fn = partial(with_action_contrast, loss_fn)
-    if cfg.pick_samples > 0:
+    if cfg.actor_objective == "heads":
         loss_fn = partial(with_onestep_heads, loss_fn)
     if not is_ensemble(critic):
         return loss_fn(critic, state, batch, key, cfg, nets, shard)
@@ -1332,8 +1316,6 @@ def learn_from_batch(state: TrainState, batch: Batch, k_actor, cfg: Config, nets
     # The actor reuses the critic's goal representations psi(g); neither psi nor the critic moves with the actor.
     alpha = jnp.exp(state.log_alpha) if cfg.auto_alpha else cfg.alpha
     objective = ACTOR_OBJECTIVES[cfg.actor_objective]
-    if cfg.pick_samples > 0:
-        objective = partial(with_pick, objective)
     (_, actor_metrics), actor_grads = jax.value_and_grad(objective, has_aux=True)(
         state.actor, jax.lax.stop_gradient(state.critic), jax.lax.stop_gradient(psi), nets, batch, k_actor, alpha,
         cfg)
@@ -1626,7 +1608,8 @@ ADDED_FIELDS = {"goal_reward": "goal", "actor_objective": "q", "awr_advantage": 
 # Variants removed (docs/experiments.md says why): field -> (the value that is today's behaviour, the last commit
 # that had the others). A run saved with today's behaviour resumes; one that used the variant is refused.
 REMOVED_FIELDS = {"conservative": (0.0, "d9bb3c9"), "density_ratio": ("raw", "d9bb3c9"),
-                  "q_head": ("none", "354f436")}
+                  "q_head": ("none", "354f436"), "pick_samples": (0, "3ce9a21"), "pick_heads": (3, "3ce9a21"),
+                  "pick_spread": (1.0, "3ce9a21"), "pick_margin": (4.0, "3ce9a21"), "pick_coef": (1.0, "3ce9a21")}
 REMOVED_VALUES = {("critic_loss", "infonce"): "d9bb3c9"}
 
 

@@ -831,72 +831,76 @@ def test_actor_moves_towards_what_a_frozen_critic_prefers(objective, flags):
 
 
 class QuadraticHeads:
-    """Hand-made one-step heads for --pick-samples: q_k(s, a) = -|a - t_k|^2 + c_k, t_k and c_k their parameters."""
+    """Hand-made one-step heads for --actor-objective heads: q_k(s, a) = -c_k |a - t_k|^2 + d_k, t_k, c_k and d_k
+    their parameters."""
     @staticmethod
     def apply(h, x):
-        return (-jnp.sum((x[..., -2:] - h["t"]) ** 2, axis=-1) + h["c"])[..., None]
+        return (-h["c"] * jnp.sum((x[..., -2:] - h["t"]) ** 2, axis=-1) + h["d"])[..., None]
 
 
-def test_pick_takes_a_sample_only_where_every_head_prefers_it_by_the_margin():
-    """pick_action against numpy: N candidates (the own action tanh(mean), then tanh(mean + spread std eps)), each
-    scored min_k gain_k - margin std_k(gain_k) with gain over the own action, the own action scoring 0."""
-    rng = np.random.default_rng(4)
-    b, k = 64, 3
-    s = jnp.asarray(rng.normal(size=(b, 3)), jnp.float32)
-    mean, std = jnp.asarray(rng.normal(size=(b, 2)) * 0.5, jnp.float32), jnp.full((b, 2), 0.4, jnp.float32)
-    heads = dict(t=jnp.asarray(rng.uniform(-0.8, 0.8, (k, 2)) * 0.3 + 0.5, jnp.float32),
-                 c=jnp.asarray(rng.normal(size=k), jnp.float32))
-    nets = cvl.make_networks(cvl.make_config("cpu", hidden=(8,)), 2)._replace(head=QuadraticHeads())
-    key = jax.random.key(7)
-    for margin in (0.0, 0.7):
-        cfg = cvl.make_config("cpu", pick_samples=8, pick_heads=k, pick_spread=1.5, pick_margin=margin)
-        picked, switched = cvl.pick_action(nets, heads, s, mean, std, key, cfg)
-        eps = np.asarray(jax.random.normal(key, (7, b, 2)))
-        cand = np.tanh(np.concatenate([np.asarray(mean)[None], np.asarray(mean) + 1.5 * 0.4 * eps]))  # [8, b, 2]
-        q = -((cand[None] - np.asarray(heads["t"])[:, None, None]) ** 2).sum(-1) + np.asarray(heads["c"])[:, None, None]
-        gain = q - q[:, :1]
-        score = gain.min(0) - margin * gain.std(0)
-        score[0] = 0.0
-        best = score.argmax(0)
-        np.testing.assert_allclose(picked, cand[best, np.arange(b)], atol=1e-5)
-        np.testing.assert_array_equal(switched, best > 0)
-        assert 0 < np.mean(best > 0) < 1  # both cases occur
-    cfg = cvl.make_config("cpu", pick_samples=8, pick_heads=2, pick_margin=0.0)
-    opposed = dict(t=jnp.asarray([[0.5, 0.5], [-0.5, -0.5]]), c=jnp.zeros(2))  # no sample is nearer both
-    picked, switched = cvl.pick_action(nets._replace(head=type("Opposed", (), {"apply": staticmethod(
-        lambda h, x: h["c"] * 0 + jnp.sum(x[..., -2:] * h["t"], axis=-1)[..., None])})()), opposed, s, mean, std,
-        key, cfg)
-    assert not np.any(switched) and np.allclose(picked, np.tanh(mean), atol=1e-6)
+def quadratic_heads(t, c, d):
+    return dict(t=jnp.asarray(t, jnp.float32), c=jnp.asarray(c, jnp.float32), d=jnp.asarray(d, jnp.float32))
 
 
-def test_the_pick_moves_the_actor_to_what_all_heads_prefer_and_nowhere_when_they_disagree():
-    """with_pick over an objective that adds nothing: 300 Adam steps move the deterministic action to the point
-    every head prefers; heads that always disagree (q_2 = -q_1) leave the actor exactly where it was."""
-    batch, _, _ = frozen_critic_problem(128, data_actions=True)
-    cfg = cvl.make_config("cpu", hidden=(32, 32), pick_samples=16, pick_heads=2)
-    nets = cvl.make_networks(cfg, 2)._replace(head=QuadraticHeads())
-    nothing = lambda actor, critic, psi, nets, batch, key, alpha, cfg: (jnp.zeros(()), {})
-    target = jnp.asarray([0.6, -0.4])
+def test_heads_actor_loss_against_a_hand_computation():
+    """-lambda (mean_k g_k - M std_k g_k) + mean_dims (tanh(mean) - a)^2 plus the BC NLL of the std (mean held
+    fixed), g_k = q_k(s, tanh(mean)) - q_k(s, a_data), lambda = ddpg_alpha / mean_rows |mean_k q_k(s, a_data)|."""
+    batch, _, _ = frozen_critic_problem(64, data_actions=True)
+    rng = np.random.default_rng(5)
+    t, c, d = rng.uniform(-0.8, 0.8, (3, 2)), rng.uniform(0.5, 2.0, 3), rng.normal(size=3)
+    heads = quadratic_heads(t, c, d)
+    for margin in (0.0, 1.3):
+        cfg = cvl.make_config("cpu", hidden=(16,), actor_objective="heads", heads=3, head_margin=margin,
+                              ddpg_alpha=1.7)
+        nets = cvl.make_networks(cfg, 2)._replace(head=QuadraticHeads())
+        actor = nets.actor.init(jax.random.key(1), batch.observations)
+        loss, metrics = cvl.actor_loss_heads(actor, {"heads": heads}, None, nets, batch, jax.random.key(0), 0.0, cfg)
+        mean, std = (np.asarray(x, np.float64) for x in cvl.actor_dist(nets, actor, batch.observations, cfg))
+        a, a_data = np.tanh(mean), np.asarray(batch.actions, np.float64)
+        q = lambda x: -c[:, None] * ((x[None] - t[:, None]) ** 2).sum(-1) + d[:, None]  # [3, rows]
+        gain = q(a) - q(a_data)
+        objective = gain.mean(0) - margin * gain.std(0)
+        mse = ((a - a_data) ** 2).mean(1)
+        nll = np.asarray(cvl.bc_nll(jnp.asarray(mean), jnp.asarray(std), batch.actions))
+        expected = np.mean(-1.7 / np.abs(q(a_data).mean(0)).mean() * objective + mse) + nll.mean()
+        assert float(loss) == pytest.approx(expected, rel=1e-4)
+        assert float(metrics["heads_agree"]) == pytest.approx(np.mean(np.all(gain > 0, 0)))
 
-    def train(heads):
+
+def test_heads_actor_follows_agreeing_heads_and_stays_on_the_data_where_they_disagree():
+    """300 Adam steps of actor_loss_heads alone, the data's actions all 0: heads that agree on a target pull the
+    policy from the data towards it; heads whose gains are opposite (q_2 - 5 = 5 - q_1: their mean gain is 0
+    everywhere) leave it on the data; heads that agree on the target but not on how much it gains (curvatures 1 and
+    3) pull less with a margin (M = 1 halves the objective's slope here: mean 2 G - M std G, G = |t|^2 - |a - t|^2)."""
+    batch, _, _ = frozen_critic_problem(128, data_actions=False)
+    target = np.asarray([0.6, -0.4])
+
+    def train(c, d, margin, alpha=10.0):
+        cfg = cvl.make_config("cpu", hidden=(32, 32), actor_objective="heads", heads=2, head_margin=margin,
+                              ddpg_alpha=alpha)
+        nets = cvl.make_networks(cfg, 2)._replace(head=QuadraticHeads())
+        heads = quadratic_heads([target, target], c, d)
         actor = nets.actor.init(jax.random.key(0), batch.observations)
         opt = cvl.make_optimizer(cfg)
         opt_state = opt.init(actor)
-        grad = jax.jit(jax.grad(lambda p, k: cvl.with_pick(nothing, p, {"heads": heads}, None, nets, batch, k, 0.0,
-                                                           cfg)[0]))
+        grad = jax.jit(jax.grad(lambda p, k: cvl.actor_loss_heads(p, {"heads": heads}, None, nets, batch, k, 0.0,
+                                                                 cfg)[0]))
         for i in range(300):
             updates, opt_state = opt.update(grad(actor, jax.random.key(i)), opt_state)
             actor = optax.apply_updates(actor, updates)
-        return actor, np.asarray(cvl.eval_action(nets, actor, batch.observations))
+        return np.asarray(cvl.eval_action(nets, actor, batch.observations))
 
-    start = np.asarray(cvl.eval_action(nets, nets.actor.init(jax.random.key(0), batch.observations),
-                                       batch.observations))
-    _, agreed = train(dict(t=jnp.stack([target, target]), c=jnp.asarray([0.0, 1.0])))
-    assert np.abs(agreed - target).mean() < 0.1 < np.abs(start - target).mean()
-    flip = type("Flip", (), {"apply": staticmethod(lambda h, x: h["c"][..., None] * QuadraticHeads.apply(h, x))})()
-    nets = nets._replace(head=flip)
-    actor, disagreed = train(dict(t=jnp.stack([target, target]), c=jnp.asarray([1.0, -1.0])))
-    np.testing.assert_array_equal(disagreed, start)
+    agreed = train([1.0, 1.0], [5.0, 6.0], 0.0)
+    assert np.abs(agreed - target).mean() < 0.3 * np.abs(target).mean()
+    opposed, bc = train([1.0, -1.0], [5.0, 5.0], 0.0), train([1.0, 1.0], [5.0, 6.0], 0.0, alpha=1e-9)
+    np.testing.assert_allclose(opposed, bc, atol=1e-3)  # exactly where behaviour cloning alone puts it
+    assert np.abs(bc).mean() < 0.15
+    # lambda = 1 / mean_k q_k(s, 0); the optimum of lambda (2 - M) G - |a|^2 / 2 is t x / (x + 1/2), x = lambda (2 - M)
+    free, held = train([1.0, 3.0], [5.0, 5.0], 0.0, alpha=1.0), train([1.0, 3.0], [5.0, 5.0], 1.0, alpha=1.0)
+    lam = 1.0 / (5.0 - 2.0 * np.sum(target ** 2))
+    for got, margin in ((free, 0.0), (held, 1.0)):
+        x = lam * (2.0 - margin)
+        np.testing.assert_allclose(got.mean(0), target * x / (x + 0.5), atol=0.02)
 
 
 def test_onestep_heads_fit_the_backup_of_the_critics_state_value_and_leave_the_critic_alone():
@@ -904,7 +908,8 @@ def test_onestep_heads_fit_the_backup_of_the_critics_state_value_and_leave_the_c
     for V after a fall; the heads' loss is each head's mean squared error on its half of the batch and sends no
     gradient to phi or psi."""
     b, gamma = 16, 0.9
-    cfg = cvl.make_config("cpu", hidden=(16,), repr_dim=4, batch_size=b, gamma=gamma, pick_samples=4, pick_heads=2)
+    cfg = cvl.make_config("cpu", hidden=(16,), repr_dim=4, batch_size=b, gamma=gamma, actor_objective="heads",
+                          heads=2)
     nets = cvl.make_networks(cfg, 2)
     state = cvl.init_state(jax.random.key(0), cfg, nets, 3, 2)
     rng = np.random.default_rng(2)
@@ -1461,10 +1466,12 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     (dict(action_negatives=-1), "--action-negatives must be >= 0"),
     (dict(action_coef=2.0), "--action-coef 2.0 does nothing with --action-negatives 0: add --action-negatives M"),
     (dict(action_sampler="uniform"), "--action-sampler uniform does nothing with --action-negatives 0"),
-    (dict(pick_margin=2.0), "--pick-margin 2.0 does nothing with --pick-samples 0: add --pick-samples M"),
-    (dict(pick_samples=1), "--pick-samples needs 2 or more candidates"),
-    (dict(pick_samples=8, critics=2), "--pick-samples needs 2 or more candidates, one critic (--critics 1)"),
-    (dict(pick_samples=8, pick_heads=0), "--pick-heads must be positive"),
+    (dict(head_margin=2.0), "--head-margin 2.0 does nothing with --actor-objective awr: add --actor-objective heads"),
+    (dict(ddpg_alpha=1.0), "--ddpg-alpha 1.0 does nothing with --actor-objective awr: add --actor-objective ddpg or "
+                           "heads"),
+    (dict(actor_objective="heads", critics=2), "--actor-objective heads needs one critic (--critics 1)"),
+    (dict(actor_objective="heads", heads=0), "--heads must be positive"),
+    (dict(actor_objective="heads", head_margin=-1.0), "--head-margin must be >= 0"),
     (dict(batch_size=1), "--batch-size 1 leaves the critic no negatives"),
     (dict(goal_reward="goal"), "--goal-reward goal leaves r_t out of Q"),
 ])
@@ -2092,8 +2099,8 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
     expected = [sum(0.9 ** (j - t) * rewards[j] for j in range(t, ends[t] + 1)) for t in range(50)]
     np.testing.assert_allclose(diagnose_critic.mc_returns(rewards, ends, 0.9), expected, rtol=1e-10)
 
-    final = cvl.train(small_config(dataset, tmp_path, steps=100, num_seeds=2, eval_every=100, actor_objective="q",
-                                   pick_samples=4, pick_heads=2))
+    final = cvl.train(small_config(dataset, tmp_path, steps=100, num_seeds=2, eval_every=100,
+                                   actor_objective="heads", heads=2))
     results = diagnose_critic.main([final["run_dir"], "--rows", "128", "--min-horizon", "20", "--simulate", "16",
                                     "--horizon", "20"])
     out = capsys.readouterr().out
@@ -2105,9 +2112,15 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
     nets = cvl.make_networks(cfg, act_dim)
     state = cvl.restore_state(cvl.init_states(cfg, nets, [0, 1], obs_dim, act_dim), ckpt["state"])
     assert out.count("*normalized") == 2  # the estimator the run trained with is marked
+    # the paper's actor's |grad (1 - bc) Q| / |grad bc BC|: the two norms do not depend on bc, so ratio * bc / (1 - bc)
+    # is the same at every bc_coef
+    critic0, actor0 = (jax.tree.map(lambda x: x[0], t) for t in (state.critic, state.actor))
+    ratios = [diagnose_critic.actor_gradient_ratio(nets, critic0, actor0, data, dataclasses.replace(
+        cfg, actor_objective="q", bc_coef=bc), jax.random.key(0)) * bc / (1 - bc) for bc in (0.05, 0.5)]
+    assert ratios[0] > 0 and ratios[0] == pytest.approx(ratios[1], rel=1e-4)
     ends = cvl.split_episodes(raw_small)
     for r in results:
-        assert r["z_mean"] > 0 and r["grad_ratio"] > 0
+        assert r["z_mean"] > 0 and "grad_ratio" not in r  # the paper's actor's gradient ratio: --actor-objective q
         # each scored row's Monte-Carlo return, by a plain loop over its own episode
         want = [sum(0.99 ** (j - t) * raw_small["rewards"][j] for j in range(t, ends[t] + 1)) for t in r["rows"]]
         np.testing.assert_allclose(r["mc_return"], want, rtol=1e-6)
@@ -2132,7 +2145,7 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
                                 near_batch.goal_rewards, cfg)
         np.testing.assert_allclose(sim["q_near"], np.asarray(q_near)[:16], rtol=1e-5, atol=1e-7)
         assert sim["near_agree"] == np.mean((q["q"][:16] > sim["q_near"]) == (sim["g_data"] > sim["g_near"]))
-        # the one-step heads (--pick-samples): their mean Q of the rows, by hand, and its agreement on the same pairs
+        # the one-step heads (--actor-objective heads): their mean Q of the rows by hand, and its agreement on the pairs
         s_rows = data.observations[r["rows"]]
         q_heads = np.mean([np.asarray(nets.head.apply(jax.tree.map(lambda x: x[k], critic_i["heads"]),
                                                       jnp.concatenate([s_rows, data.actions[r["rows"]]], 1)))[:, 0]
@@ -2248,6 +2261,20 @@ def test_closed_loop_selection_picks_the_candidate_the_critic_rates_highest(tmp_
     rand = np.asarray(diagnose_critic.pick(jnp.asarray(cands), jnp.asarray(q), "random", key))
     chosen = [[j for j in range(5) if np.array_equal(cands[j, i], rand[i])] for i in range(300)]
     assert all(len(c) == 1 for c in chosen) and len({c[0] for c in chosen}) == 5
+    # conservative: against numpy, min_k gain_k - margin std_k gain_k over K heads, gain over the own action (the
+    # first candidate), which scores 0; heads that never agree keep the own action everywhere
+    qk = rng.normal(size=(3, 5, 300)).astype(np.float32) + np.array([0.0, 0.3, 0.1, 0.2, 0.4])[None, :, None]
+    for margin in (0.0, 0.7):
+        gain = qk - qk[:, :1]
+        score = gain.min(0) - margin * gain.std(0)
+        score[0] = 0.0
+        want = score.argmax(0)
+        got = np.asarray(diagnose_critic.conservative_pick(jnp.asarray(cands), jnp.asarray(qk), margin))
+        np.testing.assert_array_equal(got, cands[want, np.arange(300)])
+        assert 0 < np.mean(want > 0) < 1  # both cases occur
+    opposed = np.stack([q, -q])
+    np.testing.assert_array_equal(diagnose_critic.conservative_pick(jnp.asarray(cands), jnp.asarray(opposed), 0.0),
+                                  cands[0])
     # a CVL critic's readout over fixed goals, against numpy: softmax_j(phi . psi_j) r_j, the min over twins
     cfg = small_config(dataset, tmp_path, critics=2)
     data, _, obs_dim, act_dim = cvl.load_env_data(cfg)

@@ -93,9 +93,10 @@ def main(argv=None):
                    "many steps, a head q(s, a) to (1 - gamma) r + gamma V(s') (V the critic's value of states) per "
                    "seed and pick the candidates by it (0: off; 100000 takes a few minutes per seed on a CPU)")
     p.add_argument("--select-heads", type=int, default=1, help="with --select-head: fit this many heads per seed "
-                   "(other inits and batches) and pick as cvl.py's --pick-samples does: a sample replaces the "
-                   "policy's own action only where every head prefers it by --select-margin stds of their gains")
-    p.add_argument("--select-margin", type=float, default=0.0, help="with --select-head: cvl.py's --pick-margin")
+                   "(other inits and batches) and pick conservatively: a sample replaces the policy's own action "
+                   "only where every head prefers it by --select-margin stds of their gains")
+    p.add_argument("--select-margin", type=float, default=0.0, help="with --select-head: the margin, in stds of the "
+                   "heads' gains over the policy's own action, a sample needs to replace it")
     args = p.parse_args(argv)
     if args.select == 1 or args.select < 0:
         raise SystemExit("diagnose_critic: --select needs at least 2 candidates (0: off)")
@@ -167,14 +168,14 @@ def diagnose(args) -> list[dict]:
             print(f"   {mark}{name:>10}: corr(Q, MC return) {show(result[name]['corr'])} | "
                   f"Q(a_data) > Q(a_random) {result[name]['beats_random']:.3f} | Q mean {q_data.mean():.3g}")
 
-        if "heads" in critic:  # --pick-samples: the one-step heads its pick reads (here their mean)
+        if "heads" in critic:  # --actor-objective heads: the one-step heads its actor climbs (here their mean)
             def q_heads(actions):
                 return per_batch(lambda sl: cvl.head_values(nets, critic["heads"], s[sl], actions[sl]).mean(0))
 
             q_data, q_rand = q_heads(a), q_heads(a_rand)
             result["heads"] = dict(corr=correlations(q_data, ret), beats_random=float(np.mean(q_data > q_rand)),
                                    q=q_data, q_random=q_rand)
-            print(f"     one-step heads (mean of {cfg.pick_heads}): corr(Q, MC return) {show(result['heads']['corr'])}"
+            print(f"     one-step heads (mean of {cfg.heads}): corr(Q, MC return) {show(result['heads']['corr'])}"
                   f" | Q(a_data) > Q(a_random) {result['heads']['beats_random']:.3f}")
         own_q = result[cfg.q_estimator]["q"]
         grad = per_batch(lambda sl: jax.grad(lambda x: cvl.q_estimate(nets, critic, s[sl], x, psi(sl), r_g[sl],
@@ -432,19 +433,24 @@ def selecting_policy(propose, score, n: int, spread: float, how: str):
     return policy
 
 
+def conservative_pick(candidates, q, margin: float):
+    """[rows, |A|]: per row the candidate with the best min_k gain_k - margin std_k gain_k, gain_k = q_k(candidate)
+    - q_k(own) over K heads' q [K, n, rows], the own action (the first candidate) scoring 0: a sample replaces it
+    only where every head prefers it by `margin` stds of their gains. With one head and no margin, the head's best
+    (or the own action where no sample beats it)."""
+    gain = q - q[:, :1]
+    return pick(candidates, (gain.min(axis=0) - margin * gain.std(axis=0)).at[0].set(0.0), "best", None)
+
+
 def picking_policy(propose, head_score, n: int, spread: float, margin: float):
-    """policy((proposer params, stacked heads), s) for cvl.evaluate: cvl.pick_action's choice among the same
-    candidates as selecting_policy's (its own action and n - 1 samples, the same key), scored by fitted heads
-    head_score(head, s, a) instead of cvl.py's own: the sample only where every head prefers it by `margin` stds.
-    With one head and no margin, the head's best."""
+    """policy((proposer params, stacked heads), s) for cvl.evaluate: conservative_pick among the same candidates as
+    selecting_policy's (its own action and n - 1 samples, the same key), scored by fitted heads head_score(head, s,
+    a)."""
     def policy(params, s):
         proposer, heads = params
-        obs_dim = s.shape[-1]
-        fitted = type("Fitted", (), {"apply": staticmethod(
-            lambda h, x: head_score(h, x[..., :obs_dim], x[..., obs_dim:])[..., None])})()
-        cfg = cvl.Config(pick_samples=n, pick_spread=spread, pick_margin=margin, pick_heads=1)
-        nets = cvl.Networks(None, None, None, fitted)
-        return cvl.pick_action(nets, heads, s, *propose(proposer, s), obs_key(s), cfg)[0]
+        candidates = candidate_actions(*propose(proposer, s), obs_key(s), n, spread)
+        q = jax.vmap(lambda h: jax.vmap(lambda a: head_score(h, s, a))(candidates))(heads)  # [K, n, rows]
+        return conservative_pick(candidates, q, margin)
     return policy
 
 
