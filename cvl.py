@@ -146,9 +146,7 @@ class Config(RunConfig):
                                  "offline RL), weights exp(awr_beta * A / std(A)); q: maximise the Q estimate at the "
                                  "policy's reparameterised actions plus a BC term (the paper; see --bc-coef); ddpg: "
                                  "TD3+BC's normalised DDPG+BC, lambda Q(s, pi(s)) - (pi(s) - a)^2 with lambda = "
-                                 "ddpg_alpha / mean|Q|; heads: the same step on --heads one-step heads (Q = (1 - "
-                                 "gamma) r + gamma V(s'), V the critic's value of states), pessimistic by "
-                                 "--head-margin.", choices=("awr", "q", "ddpg", "heads"))
+                                 "ddpg_alpha / mean|Q|.", choices=("awr", "q", "ddpg"))
     bc_coef: float = _flag(0.05, "With --actor-objective q: weight of the behaviour-cloning term; 1.0 is pure "
                            "behaviour cloning.")
     awr_beta: float = _flag(0.5, "With --actor-objective awr: inverse temperature on the batch-standardised "
@@ -158,14 +156,8 @@ class Config(RunConfig):
                                "data's transition, which needs only the critic's ranking of states; q: A = Q(s, a_data)"
                                " - V(s), the critic's own action ranking. V(s) = mean Q(s, a~pi).",
                                choices=("td", "q"))
-    heads: int = _flag(3, "With --actor-objective heads: K one-step heads q_k(s, a), the actor's architecture with "
-                       "one output, regressed beside the critic onto (1 - gamma) r + gamma V(s'), V the contrastive "
-                       "value of states, each on a random half of each batch; their disagreement is the "
-                       "objective's uncertainty.")
-    head_margin: float = _flag(1.0, "With --actor-objective heads: the policy climbs mean_k d_k - M std_k d_k, d_k = "
-                               "q_k(s, pi(s)) - q_k(s, a_data): a gain the heads disagree on counts M stds less.")
-    ddpg_alpha: float = _flag(2.5, "With --actor-objective ddpg or heads: the Q term's weight relative to the BC "
-                              "term, as TD3+BC's alpha (its 2.5).")
+    ddpg_alpha: float = _flag(2.5, "With --actor-objective ddpg: the Q term's weight relative to the BC term, as "
+                              "TD3+BC's alpha (its 2.5).")
     alpha: float = _flag(0.0, "Entropy coefficient (0: no entropy bonus, as in the paper's offline setting).")
     auto_alpha: bool = _flag(False, "Tune alpha SAC-style towards entropy -|A| instead of a fixed --alpha.")
     actor_min_std: float = _flag(1e-6, "Lower bound of the std of the actor's Gaussian before tanh.")
@@ -262,10 +254,9 @@ VARIANT_FLAGS = {
     "tau": ("critic_loss", ("td",)), "td_max_weight": ("critic_loss", ("td",)),
     "td_weights": ("critic_loss", ("td",)),
     "action_coef": ("action_negatives", None), "action_sampler": ("action_negatives", None),
-    "bc_coef": ("actor_objective", ("q",)), "ddpg_alpha": ("actor_objective", ("ddpg", "heads")),
+    "bc_coef": ("actor_objective", ("q",)), "ddpg_alpha": ("actor_objective", ("ddpg",)),
     "awr_beta": ("actor_objective", ("awr",)), "awr_max_weight": ("actor_objective", ("awr",)),
     "awr_advantage": ("actor_objective", ("awr",)),
-    "heads": ("actor_objective", ("heads",)), "head_margin": ("actor_objective", ("heads",)),
     "alpha": ("actor_objective", ("awr", "q")), "auto_alpha": ("actor_objective", ("awr", "q")),
 }
 
@@ -299,10 +290,9 @@ def check_config(cfg: Config) -> None:
     """Range-check every flag, on every path (train, --resume, --evaluate, --inspect); one line per problem."""
     check_run_flags(cfg)
     check_ranges(cfg, positive=("repr_dim", "critics", "adam_eps", "actor_min_std", "awr_max_weight", "td_max_weight",
-                                "ddpg_alpha", "heads"),
+                                "ddpg_alpha"),
                  at_least_0=("devices", "alpha", "awr_beta", "video_steps", "num_processes", "action_negatives",
-                             "action_coef", "head_margin"),
-                 below_1=("gamma",), up_to_1=("tau",))
+                             "action_coef"), below_1=("gamma",), up_to_1=("tau",))
     if cfg.process_id < -1:
         raise CVLError(f"--process-id must be >= 0 (or -1: from the cluster), got {cfg.process_id}")
     if not cfg.actor_max_std > cfg.actor_min_std:
@@ -325,11 +315,6 @@ def check_config(cfg: Config) -> None:
         raise CVLError("--goal-reward goal leaves r_t out of Q, so the TD advantage (1 - gamma) r_t + gamma V(s') - "
                        "V(s) would count it where V does not; use --goal-reward arrival (the default) with it, or "
                        "--awr-advantage q, or another --actor-objective")
-    if cfg.actor_objective == "heads" and (cfg.critics > 1 or cfg.q_estimator != "normalized"
-                                           or cfg.goal_reward == "goal"):
-        raise CVLError("--actor-objective heads needs one critic (--critics 1) and V in the reward's units "
-                       "(--q-estimator normalized, --goal-reward arrival: the defaults), since its heads add r to V; "
-                       "change those flags or choose another --actor-objective")
     if cfg.actor_objective == "awr" and cfg.awr_advantage == "td" and cfg.q_estimator != "normalized":
         raise CVLError(f"--awr-advantage td adds r to Q, so Q must be in the reward's units, which --q-estimator "
                        f"{cfg.q_estimator} is not; use --q-estimator normalized (the default) or the paper's actor "
@@ -811,14 +796,12 @@ class Networks(NamedTuple):
     phi: MLP  # (s, a) -> repr_dim
     psi: MLP  # g -> repr_dim
     actor: MLP  # s -> (mean, pre-softplus std) of the Gaussian before tanh
-    head: MLP  # (s, a) -> q, a one-step head of --actor-objective heads
 
 
 def make_networks(cfg: Config, act_dim: int) -> Networks:
     encoder = partial(MLP, cfg.hidden, cfg.repr_dim, nn.initializers.glorot_uniform(),  # as the original code
                       layer_norm=cfg.layer_norm)
-    return Networks(phi=encoder(), psi=encoder(), actor=MLP(cfg.hidden, 2 * act_dim, nn.initializers.lecun_uniform()),
-                    head=MLP(cfg.hidden, 1))
+    return Networks(phi=encoder(), psi=encoder(), actor=MLP(cfg.hidden, 2 * act_dim, nn.initializers.lecun_uniform()))
 
 
 def unit(x):
@@ -1068,38 +1051,6 @@ def q_estimate(nets: Networks, critic, s, a, psi, goal_rewards, cfg: Config):
     return Q_ESTIMATORS[cfg.q_estimator](pair_logits(critic, sa_features(nets, critic, s, a), psi), goal_rewards)
 
 
-# One-step heads (--actor-objective heads). The contrastive critic ranks states well, and the readout
-# phi(s, a) . psi(g) hardly ranks actions: at gamma 0.99 an action is a small part of log p(g|s,a)/p(g). But
-# (1 - gamma) Q(s, a) = (1 - gamma) r(s, a) + gamma E[V(s') | s, a], and what the action changes there arrives
-# through the data's own reward and next state, whose value the critic does rank. So K heads q_k(s, a) are
-# regressed onto (1 - gamma) r + gamma V(s') (V: the readout at the actor's action tanh(mean(s')), 0 after a fall;
-# the critic held fixed, q never bootstrapped), each on a random half of the batch, and the actor takes TD3+BC's
-# step on them (actor_loss_heads). In closed loop such heads rank a policy's samples as well as TD3+BC's critic does
-# on halfcheetah (docs, fifth session); where the heads disagree (off the data) the step counts their gain less.
-def head_values(nets: Networks, heads, s, a):
-    """[K, rows]: every one-step head's q(s, a)."""
-    return jax.vmap(lambda h: nets.head.apply(h, jnp.concatenate([s, a], axis=-1))[..., 0])(heads)
-
-
-def onestep_target(nets: Networks, critic, actor, psi, batch: Batch, cfg: Config):
-    """(1 - gamma) r + gamma V(s'), V(s') the readout at tanh(mean(s')), 0 after a fall; no gradient."""
-    critic, psi, actor = jax.lax.stop_gradient((critic, psi, actor))
-    s_next = batch.next_observations
-    v_next = q_estimate(nets, critic, s_next, eval_action(nets, actor, s_next), psi, batch.goal_rewards, cfg)
-    return (1 - cfg.gamma) * batch.rewards + cfg.gamma * jnp.where(batch.done, 0.0, v_next)
-
-
-def with_onestep_heads(loss_fn, critic, state, batch, key, cfg, nets, shard):
-    """loss_fn's loss plus the heads' squared error against onestep_target, each head on its own random half."""
-    loss, (metrics, psi) = loss_fn(critic, state, batch, key, cfg, nets, shard)
-    target = onestep_target(nets, critic, state.actor, psi, batch, cfg)
-    half = jax.random.bernoulli(jax.random.fold_in(key, 17), 0.5, (cfg.heads, target.shape[0]))
-    err = (head_values(nets, critic["heads"], batch.observations, batch.actions) - target) ** 2
-    head_loss = jnp.sum(jnp.sum(half * err, axis=1) / jnp.maximum(half.sum(axis=1), 1))
-    return loss + head_loss, ({**metrics, "head_loss": head_loss / cfg.heads, "head_target": target.mean()},
-                              psi)
-
-
 # Actor objectives. Each maps (actor params, frozen critic, the batch's goal features psi) to (loss, metrics).
 BOUND = 0.999  # |a| >= BOUND: an action at the edge of the action space, as clipped data has many of
 
@@ -1191,42 +1142,23 @@ def actor_loss_awr(actor, critic, psi, nets: Networks, batch: Batch, key, alpha,
                       awr_weight_max=w.max(), awr_adv_std=adv.std(), awr_ess=ess)
 
 
-def ddpg_bc(q, q_scale, mean, std, actions, cfg: Config):
-    """TD3+BC's normalised DDPG+BC (Fujimoto & Gu 2021), which Park et al. (2024) found extracts a policy from a
-    critic far better than AWR: -lambda q + mean over dims of (pi(s) - a_data)^2, q the objective at pi(s) =
-    tanh(mean), lambda = ddpg_alpha / mean_batch |q_scale| held fixed, so the trade-off is free of Q's scale. The
-    std is not in that objective; it is fitted by BC alone (the mean held fixed), so the policy's spread stays the
-    data's where a sample of pi is needed (V(s) of the TD advantage, contrastive TD's next action)."""
-    lmbda = jax.lax.stop_gradient(cfg.ddpg_alpha / (jnp.abs(q_scale).mean() + 1e-8))
-    mse = jnp.mean((jnp.tanh(mean) - actions) ** 2, axis=-1)
-    std_nll = bc_nll(jax.lax.stop_gradient(mean), std, actions)
-    loss = jnp.mean(-lmbda * q + mse) + std_nll.mean()
-    return loss, dict(actor_loss=loss, bc_mse=mse.mean(), bc_nll=std_nll.mean(), lmbda=lmbda)
-
-
 def actor_loss_ddpg(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):
-    """DDPG+BC on the critic's Q estimate."""
+    """TD3+BC's normalised DDPG+BC (Fujimoto & Gu 2021), which Park et al. (2024) found extracts a policy from a
+    critic far better than AWR: -lambda Q(s, pi(s)) + mean over dims of (pi(s) - a_data)^2 with pi(s) = tanh(mean)
+    and lambda = ddpg_alpha / mean_batch |Q| held fixed, so the trade-off is free of Q's scale. The std is not in
+    that objective; it is fitted by BC alone (the mean held fixed), so the policy's spread stays the data's where
+    a sample of pi is needed (V(s) of the TD advantage, contrastive TD's next action)."""
     mean, std = actor_dist(nets, actor, batch.observations, cfg)
-    q = q_estimate(nets, critic, batch.observations, jnp.tanh(mean), psi, batch.goal_rewards, cfg)
-    loss, metrics = ddpg_bc(q, q, mean, std, batch.actions, cfg)
-    return loss, {**metrics, "q_mean": q.mean()}
+    a = jnp.tanh(mean)
+    q = q_estimate(nets, critic, batch.observations, a, psi, batch.goal_rewards, cfg)
+    lmbda = jax.lax.stop_gradient(cfg.ddpg_alpha / (jnp.abs(q).mean() + 1e-8))
+    mse = jnp.mean((a - batch.actions) ** 2, axis=-1)
+    std_nll = bc_nll(jax.lax.stop_gradient(mean), std, batch.actions)
+    loss = jnp.mean(-lmbda * q + mse) + std_nll.mean()
+    return loss, dict(actor_loss=loss, q_mean=q.mean(), bc_mse=mse.mean(), bc_nll=std_nll.mean(), lmbda=lmbda)
 
 
-def actor_loss_heads(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):
-    """DDPG+BC on the one-step heads: the policy climbs mean_k d_k - head_margin std_k d_k, d_k = q_k(s, pi(s)) -
-    q_k(s, a_data), each head's gain over the data's action, so a gain the heads disagree on counts less; lambda
-    is scaled by the heads' mean |q(s, a_data)|, as TD3+BC's by its |Q|."""
-    mean, std = actor_dist(nets, actor, batch.observations, cfg)
-    q_data = head_values(nets, critic["heads"], batch.observations, batch.actions)
-    gain = head_values(nets, critic["heads"], batch.observations, jnp.tanh(mean)) - q_data
-    spread = jnp.sqrt(gain.var(axis=0) + 1e-12)  # the std, with a finite gradient where the heads' gains agree
-    loss, metrics = ddpg_bc(gain.mean(0) - cfg.head_margin * spread, q_data.mean(0), mean, std, batch.actions, cfg)
-    return loss, {**metrics, "q_mean": q_data.mean(), "head_gain": gain.mean(), "head_gain_std": spread.mean(),
-                  "heads_agree": jnp.mean(jnp.all(gain > 0, axis=0))}
-
-
-ACTOR_OBJECTIVES = {"q": actor_loss_q, "awr": actor_loss_awr, "ddpg": actor_loss_ddpg,
-                    "heads": actor_loss_heads}
+ACTOR_OBJECTIVES = {"q": actor_loss_q, "awr": actor_loss_awr, "ddpg": actor_loss_ddpg}
 
 
 # ======================================================================================================= update
@@ -1251,9 +1183,6 @@ def init_critic(k_phi, k_psi, cfg: Config, nets: Networks, obs_dim: int, act_dim
               "psi": nets.psi.init(k_psi, jnp.zeros((1, obs_dim))), "absorbing": jnp.zeros(cfg.repr_dim)}
     if cfg.action_negatives > 0 and cfg.action_sampler == "bc":  # the behaviour model, the actor's architecture
         critic["behavior"] = nets.actor.init(jax.random.fold_in(k_phi, 2), jnp.zeros((1, obs_dim)))
-    if cfg.actor_objective == "heads":  # the one-step heads, stacked on a leading axis
-        keys = jax.random.split(jax.random.fold_in(k_phi, 4), cfg.heads)
-        critic["heads"] = jax.vmap(lambda k: nets.head.init(k, jnp.zeros((1, obs_dim + act_dim))))(keys)
     if cfg.repr_norm == "unit":  # SigLIP's start: scale 10, and a bias at the log-odds of a positive, 1 / (B - 1)
         critic.update(absorbing=jax.random.normal(jax.random.fold_in(k_psi, 1), (cfg.repr_dim,)),
                       log_scale=jnp.asarray(math.log(10.0)), bias=jnp.asarray(-math.log(cfg.batch_size - 1)))
@@ -1299,8 +1228,6 @@ def critic_loss(critic, state: TrainState, batch: Batch, key, cfg: Config, nets:
     loss_fn = CRITIC_LOSSES[cfg.critic_loss]
     if cfg.action_negatives > 0:
         loss_fn = partial(with_action_contrast, loss_fn)
-    if cfg.actor_objective == "heads":
-        loss_fn = partial(with_onestep_heads, loss_fn)
     if not is_ensemble(critic):
         return loss_fn(critic, state, batch, key, cfg, nets, shard)
     losses, (metrics, psi) = jax.vmap(lambda c: loss_fn(c, state, batch, key, cfg, nets, shard))(critic)
@@ -1315,8 +1242,7 @@ def learn_from_batch(state: TrainState, batch: Batch, k_actor, cfg: Config, nets
         state.critic, state, batch, jax.random.fold_in(k_actor, 1), cfg, nets, shard)
     # The actor reuses the critic's goal representations psi(g); neither psi nor the critic moves with the actor.
     alpha = jnp.exp(state.log_alpha) if cfg.auto_alpha else cfg.alpha
-    objective = ACTOR_OBJECTIVES[cfg.actor_objective]
-    (_, actor_metrics), actor_grads = jax.value_and_grad(objective, has_aux=True)(
+    (_, actor_metrics), actor_grads = jax.value_and_grad(ACTOR_OBJECTIVES[cfg.actor_objective], has_aux=True)(
         state.actor, jax.lax.stop_gradient(state.critic), jax.lax.stop_gradient(psi), nets, batch, k_actor, alpha,
         cfg)
     metrics.update(actor_metrics)
@@ -1609,8 +1535,9 @@ ADDED_FIELDS = {"goal_reward": "goal", "actor_objective": "q", "awr_advantage": 
 # that had the others). A run saved with today's behaviour resumes; one that used the variant is refused.
 REMOVED_FIELDS = {"conservative": (0.0, "d9bb3c9"), "density_ratio": ("raw", "d9bb3c9"),
                   "q_head": ("none", "354f436"), "pick_samples": (0, "3ce9a21"), "pick_heads": (3, "3ce9a21"),
-                  "pick_spread": (1.0, "3ce9a21"), "pick_margin": (4.0, "3ce9a21"), "pick_coef": (1.0, "3ce9a21")}
-REMOVED_VALUES = {("critic_loss", "infonce"): "d9bb3c9"}
+                  "pick_spread": (1.0, "3ce9a21"), "pick_margin": (4.0, "3ce9a21"), "pick_coef": (1.0, "3ce9a21"),
+                  "heads": (3, "b210ce3"), "head_margin": (1.0, "b210ce3")}
+REMOVED_VALUES = {("critic_loss", "infonce"): "d9bb3c9", ("actor_objective", "heads"): "b210ce3"}
 
 
 def config_from_dict(d: dict, config_cls=None):

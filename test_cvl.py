@@ -476,6 +476,9 @@ def test_missing_corrupt_and_unknown_inputs_fail_clearly(tmp_path, dataset):
     for saved, flag in [({**today, "conservative": 1.0}, "--conservative"),
                         ({**today, "density_ratio": "corrected"}, "--density-ratio"),
                         ({**today, "q_head": "onestep"}, "--q-head"),
+                        ({**today, "pick_samples": 16}, "--pick-samples"),
+                        ({**today, "heads": 3, "head_margin": 1.0, "actor_objective": "heads"},
+                         "--actor-objective heads"),
                         ({**today, "critic_loss": "infonce"}, "--critic-loss infonce")]:
         with pytest.raises(cvl.CVLError, match=f"this run used {flag}, which was removed .* commit [0-9a-f]{{7}}"):
             cvl.config_from_dict(saved)
@@ -828,122 +831,6 @@ def test_actor_moves_towards_what_a_frozen_critic_prefers(objective, flags):
                                     batch.goal_rewards, cfg).mean()) for k in range(32)]
     assert float(metrics["q_mean"]) == pytest.approx(np.mean(q_draws), abs=4 * np.std(q_draws) + 1e-4)
     assert objective != "awr" or 1 / 256 <= float(metrics["awr_ess"]) <= 1
-
-
-class QuadraticHeads:
-    """Hand-made one-step heads for --actor-objective heads: q_k(s, a) = -c_k |a - t_k|^2 + d_k, t_k, c_k and d_k
-    their parameters."""
-    @staticmethod
-    def apply(h, x):
-        return (-h["c"] * jnp.sum((x[..., -2:] - h["t"]) ** 2, axis=-1) + h["d"])[..., None]
-
-
-def quadratic_heads(t, c, d):
-    return dict(t=jnp.asarray(t, jnp.float32), c=jnp.asarray(c, jnp.float32), d=jnp.asarray(d, jnp.float32))
-
-
-def test_heads_actor_loss_against_a_hand_computation():
-    """-lambda (mean_k g_k - M std_k g_k) + mean_dims (tanh(mean) - a)^2 plus the BC NLL of the std (mean held
-    fixed), g_k = q_k(s, tanh(mean)) - q_k(s, a_data), lambda = ddpg_alpha / mean_rows |mean_k q_k(s, a_data)|."""
-    batch, _, _ = frozen_critic_problem(64, data_actions=True)
-    rng = np.random.default_rng(5)
-    t, c, d = rng.uniform(-0.8, 0.8, (3, 2)), rng.uniform(0.5, 2.0, 3), rng.normal(size=3)
-    heads = quadratic_heads(t, c, d)
-    for margin in (0.0, 1.3):
-        cfg = cvl.make_config("cpu", hidden=(16,), actor_objective="heads", heads=3, head_margin=margin,
-                              ddpg_alpha=1.7)
-        nets = cvl.make_networks(cfg, 2)._replace(head=QuadraticHeads())
-        actor = nets.actor.init(jax.random.key(1), batch.observations)
-        loss, metrics = cvl.actor_loss_heads(actor, {"heads": heads}, None, nets, batch, jax.random.key(0), 0.0, cfg)
-        mean, std = (np.asarray(x, np.float64) for x in cvl.actor_dist(nets, actor, batch.observations, cfg))
-        a, a_data = np.tanh(mean), np.asarray(batch.actions, np.float64)
-        q = lambda x: -c[:, None] * ((x[None] - t[:, None]) ** 2).sum(-1) + d[:, None]  # [3, rows]
-        gain = q(a) - q(a_data)
-        objective = gain.mean(0) - margin * gain.std(0)
-        mse = ((a - a_data) ** 2).mean(1)
-        nll = np.asarray(cvl.bc_nll(jnp.asarray(mean), jnp.asarray(std), batch.actions))
-        expected = np.mean(-1.7 / np.abs(q(a_data).mean(0)).mean() * objective + mse) + nll.mean()
-        assert float(loss) == pytest.approx(expected, rel=1e-4)
-        assert float(metrics["heads_agree"]) == pytest.approx(np.mean(np.all(gain > 0, 0)))
-
-
-def test_heads_actor_follows_agreeing_heads_and_stays_on_the_data_where_they_disagree():
-    """300 Adam steps of actor_loss_heads alone, the data's actions all 0: heads that agree on a target pull the
-    policy from the data towards it; heads whose gains are opposite (q_2 - 5 = 5 - q_1: their mean gain is 0
-    everywhere) leave it on the data; heads that agree on the target but not on how much it gains (curvatures 1 and
-    3) pull less with a margin (M = 1 halves the objective's slope here: mean 2 G - M std G, G = |t|^2 - |a - t|^2)."""
-    batch, _, _ = frozen_critic_problem(128, data_actions=False)
-    target = np.asarray([0.6, -0.4])
-
-    def train(c, d, margin, alpha=10.0):
-        cfg = cvl.make_config("cpu", hidden=(32, 32), actor_objective="heads", heads=2, head_margin=margin,
-                              ddpg_alpha=alpha)
-        nets = cvl.make_networks(cfg, 2)._replace(head=QuadraticHeads())
-        heads = quadratic_heads([target, target], c, d)
-        actor = nets.actor.init(jax.random.key(0), batch.observations)
-        opt = cvl.make_optimizer(cfg)
-        opt_state = opt.init(actor)
-        grad = jax.jit(jax.grad(lambda p, k: cvl.actor_loss_heads(p, {"heads": heads}, None, nets, batch, k, 0.0,
-                                                                 cfg)[0]))
-        for i in range(300):
-            updates, opt_state = opt.update(grad(actor, jax.random.key(i)), opt_state)
-            actor = optax.apply_updates(actor, updates)
-        return np.asarray(cvl.eval_action(nets, actor, batch.observations))
-
-    agreed = train([1.0, 1.0], [5.0, 6.0], 0.0)
-    assert np.abs(agreed - target).mean() < 0.3 * np.abs(target).mean()
-    opposed, bc = train([1.0, -1.0], [5.0, 5.0], 0.0), train([1.0, 1.0], [5.0, 6.0], 0.0, alpha=1e-9)
-    np.testing.assert_allclose(opposed, bc, atol=1e-3)  # exactly where behaviour cloning alone puts it
-    assert np.abs(bc).mean() < 0.15
-    # lambda = 1 / mean_k q_k(s, 0); the optimum of lambda (2 - M) G - |a|^2 / 2 is t x / (x + 1/2), x = lambda (2 - M)
-    free, held = train([1.0, 3.0], [5.0, 5.0], 0.0, alpha=1.0), train([1.0, 3.0], [5.0, 5.0], 1.0, alpha=1.0)
-    lam = 1.0 / (5.0 - 2.0 * np.sum(target ** 2))
-    for got, margin in ((free, 0.0), (held, 1.0)):
-        x = lam * (2.0 - margin)
-        np.testing.assert_allclose(got.mean(0), target * x / (x + 0.5), atol=0.02)
-
-
-def test_onestep_heads_fit_the_backup_of_the_critics_state_value_and_leave_the_critic_alone():
-    """onestep_target is (1 - gamma) r + gamma Q(s', tanh(mean(s'))) (the readout, each row's own goal left out), 0
-    for V after a fall; the heads' loss is each head's mean squared error on its half of the batch and sends no
-    gradient to phi or psi."""
-    b, gamma = 16, 0.9
-    cfg = cvl.make_config("cpu", hidden=(16,), repr_dim=4, batch_size=b, gamma=gamma, actor_objective="heads",
-                          heads=2)
-    nets = cvl.make_networks(cfg, 2)
-    state = cvl.init_state(jax.random.key(0), cfg, nets, 3, 2)
-    rng = np.random.default_rng(2)
-    f32 = partial(jnp.asarray, dtype=jnp.float32)
-    s, s_next, g = (f32(rng.normal(size=(b, 3))) for _ in range(3))
-    a, r = f32(rng.uniform(-1, 1, (b, 2))), f32(rng.normal(size=b))
-    done = jnp.asarray(rng.uniform(size=b) < 0.3)
-    batch = cvl.Batch(s, a, g, jnp.zeros(b, bool), r, s_next, jnp.zeros(b, bool), done, r)
-    psi = nets.psi.apply(state.critic["psi"], g)
-    target = cvl.onestep_target(nets, state.critic, state.actor, psi, batch, cfg)
-    a_next = np.tanh(np.split(np.asarray(nets.actor.apply(state.actor, s_next)), 2, axis=1)[0])
-    f = np.asarray(nets.phi.apply(state.critic["phi"], jnp.concatenate([s_next, f32(a_next)], 1))) @ np.asarray(psi).T
-    np.fill_diagonal(f, -np.inf)
-    w = np.exp(f - f.max(1, keepdims=True))
-    v = (w @ np.asarray(r)) / w.sum(1)
-    np.testing.assert_allclose(target, (1 - gamma) * np.asarray(r) + gamma * np.where(done, 0.0, v), rtol=1e-4,
-                               atol=1e-5)
-    nce = cvl.CRITIC_LOSSES["nce"]
-    shard = lambda x, *_: x
-
-    def head_part(critic, key):
-        with_heads = cvl.with_onestep_heads(nce, critic, state, batch, key, cfg, nets, shard)[0]
-        return with_heads - nce(critic, state, batch, key, cfg, nets, shard)[0]
-
-    key = jax.random.key(3)
-    half = np.asarray(jax.random.bernoulli(jax.random.fold_in(key, 17), 0.5, (2, b)))
-    q = np.stack([np.asarray(nets.head.apply(jax.tree.map(lambda x: x[i], state.critic["heads"]),
-                                             jnp.concatenate([s, a], 1)))[:, 0] for i in range(2)])
-    err = (q - np.asarray(target)) ** 2
-    assert float(head_part(state.critic, key)) == pytest.approx(sum((half[i] * err[i]).sum() / half[i].sum()
-                                                                    for i in range(2)), rel=1e-4)
-    grads = jax.grad(head_part)(state.critic, key)
-    assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves((grads["phi"], grads["psi"])))
-    assert float(jnp.abs(jax.tree.leaves(grads["heads"])[0]).max()) > 0
 
 
 def test_ddpg_actor_loss_against_a_hand_computation():
@@ -1466,12 +1353,7 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     (dict(action_negatives=-1), "--action-negatives must be >= 0"),
     (dict(action_coef=2.0), "--action-coef 2.0 does nothing with --action-negatives 0: add --action-negatives M"),
     (dict(action_sampler="uniform"), "--action-sampler uniform does nothing with --action-negatives 0"),
-    (dict(head_margin=2.0), "--head-margin 2.0 does nothing with --actor-objective awr: add --actor-objective heads"),
-    (dict(ddpg_alpha=1.0), "--ddpg-alpha 1.0 does nothing with --actor-objective awr: add --actor-objective ddpg or "
-                           "heads"),
-    (dict(actor_objective="heads", critics=2), "--actor-objective heads needs one critic (--critics 1)"),
-    (dict(actor_objective="heads", heads=0), "--heads must be positive"),
-    (dict(actor_objective="heads", head_margin=-1.0), "--head-margin must be >= 0"),
+    (dict(ddpg_alpha=1.0), "--ddpg-alpha 1.0 does nothing with --actor-objective awr: add --actor-objective ddpg"),
     (dict(batch_size=1), "--batch-size 1 leaves the critic no negatives"),
     (dict(goal_reward="goal"), "--goal-reward goal leaves r_t out of Q"),
 ])
@@ -2099,12 +1981,11 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
     expected = [sum(0.9 ** (j - t) * rewards[j] for j in range(t, ends[t] + 1)) for t in range(50)]
     np.testing.assert_allclose(diagnose_critic.mc_returns(rewards, ends, 0.9), expected, rtol=1e-10)
 
-    final = cvl.train(small_config(dataset, tmp_path, steps=100, num_seeds=2, eval_every=100,
-                                   actor_objective="heads", heads=2))
+    final = cvl.train(small_config(dataset, tmp_path, steps=100, num_seeds=2, eval_every=100, actor_objective="q"))
     results = diagnose_critic.main([final["run_dir"], "--rows", "128", "--min-horizon", "20", "--simulate", "16",
                                     "--horizon", "20"])
     out = capsys.readouterr().out
-    assert [r["seed"] for r in results] == [0, 1] and out.count("corr(Q, MC return)") == 8  # 3 estimators, heads
+    assert [r["seed"] for r in results] == [0, 1] and out.count("corr(Q, MC return)") == 6  # 3 estimators
     assert out.count("AWR advantage td") == 4 and out.count("corr(A, A')") == 2 * len(cvl.ADVANTAGES)
     ckpt = cvl.load_checkpoint(Path(final["run_dir"]))
     cfg = ckpt["config"]
@@ -2120,7 +2001,9 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
     assert ratios[0] > 0 and ratios[0] == pytest.approx(ratios[1], rel=1e-4)
     ends = cvl.split_episodes(raw_small)
     for r in results:
-        assert r["z_mean"] > 0 and "grad_ratio" not in r  # the paper's actor's gradient ratio: --actor-objective q
+        assert r["z_mean"] > 0 and r["grad_ratio"] == pytest.approx(diagnose_critic.actor_gradient_ratio(
+            nets, jax.tree.map(lambda x: x[r["seed"]], state.critic), jax.tree.map(lambda x: x[r["seed"]], state.actor),
+            data, cfg, jax.random.key(0)), rel=1e-4)
         # each scored row's Monte-Carlo return, by a plain loop over its own episode
         want = [sum(0.99 ** (j - t) * raw_small["rewards"][j] for j in range(t, ends[t] + 1)) for t in r["rows"]]
         np.testing.assert_allclose(r["mc_return"], want, rtol=1e-6)
@@ -2145,15 +2028,6 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
                                 near_batch.goal_rewards, cfg)
         np.testing.assert_allclose(sim["q_near"], np.asarray(q_near)[:16], rtol=1e-5, atol=1e-7)
         assert sim["near_agree"] == np.mean((q["q"][:16] > sim["q_near"]) == (sim["g_data"] > sim["g_near"]))
-        # the one-step heads (--actor-objective heads): their mean Q of the rows by hand, and its agreement on the pairs
-        s_rows = data.observations[r["rows"]]
-        q_heads = np.mean([np.asarray(nets.head.apply(jax.tree.map(lambda x: x[k], critic_i["heads"]),
-                                                      jnp.concatenate([s_rows, data.actions[r["rows"]]], 1)))[:, 0]
-                           for k in range(2)], axis=0)
-        np.testing.assert_allclose(r["heads"]["q"], q_heads, rtol=1e-5, atol=1e-6)
-        assert r["heads"]["corr"][0] == pytest.approx(np.corrcoef(q_heads, want)[0, 1], abs=1e-6)
-        h = r["heads"]
-        assert sim["heads"]["agree"] == np.mean((h["q"][:16] > h["q_random"][:16]) == (sim["g_data"] > sim["g_random"]))
         # each AWR advantage of the simulated rows, as training computes it on the run's own batch of those rows
         i = r["seed"]
         critic, actor = (jax.tree.map(lambda x: x[i], tree) for tree in (state.critic, state.actor))

@@ -168,15 +168,6 @@ def diagnose(args) -> list[dict]:
             print(f"   {mark}{name:>10}: corr(Q, MC return) {show(result[name]['corr'])} | "
                   f"Q(a_data) > Q(a_random) {result[name]['beats_random']:.3f} | Q mean {q_data.mean():.3g}")
 
-        if "heads" in critic:  # --actor-objective heads: the one-step heads its actor climbs (here their mean)
-            def q_heads(actions):
-                return per_batch(lambda sl: cvl.head_values(nets, critic["heads"], s[sl], actions[sl]).mean(0))
-
-            q_data, q_rand = q_heads(a), q_heads(a_rand)
-            result["heads"] = dict(corr=correlations(q_data, ret), beats_random=float(np.mean(q_data > q_rand)),
-                                   q=q_data, q_random=q_rand)
-            print(f"     one-step heads (mean of {cfg.heads}): corr(Q, MC return) {show(result['heads']['corr'])}"
-                  f" | Q(a_data) > Q(a_random) {result['heads']['beats_random']:.3f}")
         own_q = result[cfg.q_estimator]["q"]
         grad = per_batch(lambda sl: jax.grad(lambda x: cvl.q_estimate(nets, critic, s[sl], x, psi(sl), r_g[sl],
                                                                        cfg).sum())(a[sl]))
@@ -199,10 +190,6 @@ def diagnose(args) -> list[dict]:
             sim = result["simulated"] = simulate_pairs(env_id, s, a, a_rand, a_near, own["q"], own["q_random"],
                                                        q(a_near, cfg.q_estimator), policy, cfg.gamma, args,
                                                        f"the critic ({cfg.q_estimator})", uphill(a, grad, args.near))
-            if "heads" in result:  # the same simulated pairs, ranked by the heads
-                heads = result["heads"]
-                sim["heads"] = pair_agreement(sim, heads["q"], heads["q_random"], q_heads(a_near),
-                                              "the one-step heads", args.horizon)
             ok, n = sim["ok"], len(sim["ok"])
             g_data, g_pi = sim["g_data"], sim["g_policy"]
             for name in cvl.ADVANTAGES:  # each AWR advantage of the data's action, computed as in training

@@ -56,8 +56,6 @@ METHODS = [
      ["--critic-loss", "td", "--td-weights", "normalized", "--critics", "2", "--actor-objective", "ddpg"], 3),
     ("CVL, AWR on the critic's own advantage (--awr-advantage q --awr-beta 1.0)", "cvl-awr", CVL,
      ["--awr-advantage", "q", "--awr-beta", "1.0"], 3),
-    ("CVL, DDPG+BC on one-step heads over the contrastive value (--actor-objective heads)", "cvl-heads", CVL,
-     ["--actor-objective", "heads"], 3),
     ("CVL, paper's actor with the original code's Q (--actor-objective q --q-estimator diag --goal-reward goal)",
      "cvl-diag", CVL, ["--actor-objective", "q", "--q-estimator", "diag", "--goal-reward", "goal"], 1),
     ("CVL, paper's actor with the paper's batch 1024 (--actor-objective q --batch-size 1024)", "cvl-batch1024", CVL,
