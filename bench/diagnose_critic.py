@@ -32,7 +32,8 @@ with --against OTHER_RUN, the cosine between this run's dQ/da and the other run'
 with --select N, the critic in closed loop: the score of a policy that acts with the best of N candidate actions
 (the policy's own and N - 1 samples of it, of this run or of --candidates) by the critic's Q, against one that picks
 a random one of them (the gain is what the critic's ranking of near-policy actions is worth), and with --select-head
-the same for a head regressed onto (1 - gamma) r + gamma V(s'), the critic's value of the data's next state;
+the same for a head regressed onto (1 - gamma) r + gamma V(s'), the critic's value of the data's next state (with
+--select-heads K --select-margin M, K heads, and a sample only where every head prefers it by M stds of their gains);
 and, for --actor-objective q, the ratio of the actor's two gradient norms |grad (1 - bc) Q| / |grad bc * BC NLL| on a
 training batch (far below 1: the actor is behaviour cloning), from cvl.actor_loss_q itself.
 """
