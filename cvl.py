@@ -128,6 +128,9 @@ class Config(RunConfig):
                                 "log pi_beta(a|s) to f (an ablation: a biased critic).", choices=("bc", "uniform"))
     layer_norm: bool = _flag(False, "LayerNorm after every hidden layer of phi and psi (as ReBRAC and Zheng et al. "
                              "2023's stable contrastive RL).")
+    normalize_states: bool = _flag(False, "Standardise states (the networks' state and goal inputs) by the dataset's "
+                                   "per-dimension mean and std, as TD3+BC does; the statistics are saved with the "
+                                   "parameters and the policy applies them to the env's observations.")
     tau: float = _flag(0.005, "With --critic-loss td: Polyak step of the target critic.")
     td_max_weight: float = _flag(20.0, "With --critic-loss td: clip the bootstrap weights exp(f_target) here.")
     td_weights: str = _flag("raw", "With --critic-loss td: raw: the bootstrap weights are exp(f_target(s', a', g_j)) "
@@ -813,6 +816,22 @@ def is_unit_norm(critic: dict) -> bool:
     return "log_scale" in critic
 
 
+def state_normalizer(observations: np.ndarray) -> dict:
+    """--normalize-states: the dataset's per-dimension mean and std (+ 1e-3, as TD3+BC's), stored as params["obs"]
+    of the critic and the actor."""
+    return {"mean": observations.mean(axis=0).astype(np.float32),
+            "std": (observations.std(axis=0) + 1e-3).astype(np.float32)}
+
+
+def standardize(params: dict, s):
+    """A state in the units its network sees: (s - mean) / std with --normalize-states, s itself without. The
+    statistics are never trained (no gradient reaches them, so Adam leaves them exactly as they were)."""
+    if "obs" not in params:
+        return s
+    norm = jax.lax.stop_gradient(params["obs"])
+    return (s - norm["mean"]) / norm["std"]
+
+
 def sa_features(nets: Networks, critic: dict, s, a):
     """phi(s, a); with --repr-norm unit, scale * phi / |phi|.
 
@@ -821,7 +840,7 @@ def sa_features(nets: Networks, critic: dict, s, a):
     to get a long phi (on halfcheetah-medium-local at 50k steps a uniformly random action had the longer phi 73-81%
     of the time). Unit vectors leave the action only the direction of phi. It did not make the critic rank
     actions better there (README Results, screen part 2): the length amplified a wrong direction."""
-    phi = nets.phi.apply(critic["phi"], jnp.concatenate([s, a], axis=-1))
+    phi = nets.phi.apply(critic["phi"], jnp.concatenate([standardize(critic, s), a], axis=-1))
     return jnp.exp(critic["log_scale"]) * unit(phi) if is_unit_norm(critic) else phi
 
 
@@ -845,7 +864,7 @@ def goal_features(nets: Networks, critic: dict, g, absorbing):
     """
     if is_ensemble(critic):
         return jax.vmap(goal_features, in_axes=(None, 0, None, None))(nets, critic, g, absorbing)
-    psi = jnp.where(absorbing[:, None], critic["absorbing"], nets.psi.apply(critic["psi"], g))
+    psi = jnp.where(absorbing[:, None], critic["absorbing"], nets.psi.apply(critic["psi"], standardize(critic, g)))
     return unit(psi) if is_unit_norm(critic) else psi
 
 
@@ -863,7 +882,7 @@ def critic_logits(nets: Networks, critic: dict, s, a, g, absorbing):
 def actor_dist(nets: Networks, actor, s, cfg: Config):
     """Mean and std of the Gaussian before tanh. The std is clipped to [actor_min_std, actor_max_std], i.e. log std
     to a fixed range as SAC-style actors do, so no data (e.g. actions at the bounds) can drive it to 0 or infinity."""
-    mean, pre_std = jnp.split(nets.actor.apply(actor, s), 2, axis=-1)
+    mean, pre_std = jnp.split(nets.actor.apply(actor, standardize(actor, s)), 2, axis=-1)
     return mean, jnp.clip(jax.nn.softplus(pre_std), cfg.actor_min_std, cfg.actor_max_std)
 
 
@@ -887,7 +906,7 @@ def tanh_gaussian_log_prob(mean, std, u):
 
 def eval_action(nets: Networks, actor, s):
     """Deterministic action tanh(mean)."""
-    return jnp.tanh(jnp.split(nets.actor.apply(actor, s), 2, axis=-1)[0])
+    return jnp.tanh(jnp.split(nets.actor.apply(actor, standardize(actor, s)), 2, axis=-1)[0])
 
 
 # ======================================================================================================= losses
@@ -1178,34 +1197,47 @@ def make_optimizer(cfg: Config):
     return optax.adam(cfg.lr, eps=cfg.adam_eps)
 
 
-def init_critic(k_phi, k_psi, cfg: Config, nets: Networks, obs_dim: int, act_dim: int) -> dict:
+def with_normalizer(params: dict, cfg: Config, obs_norm: dict | None, obs_dim: int) -> dict:
+    """params with the state statistics as params["obs"] under --normalize-states (a placeholder for a template
+    that a checkpoint fills); params unchanged without."""
+    if not cfg.normalize_states:
+        return params
+    norm = obs_norm or {"mean": np.zeros(obs_dim, np.float32), "std": np.ones(obs_dim, np.float32)}
+    return {**params, "obs": jax.tree.map(jnp.asarray, norm)}
+
+
+def init_critic(k_phi, k_psi, cfg: Config, nets: Networks, obs_dim: int, act_dim: int, obs_norm=None) -> dict:
     critic = {"phi": nets.phi.init(k_phi, jnp.zeros((1, obs_dim + act_dim))),
               "psi": nets.psi.init(k_psi, jnp.zeros((1, obs_dim))), "absorbing": jnp.zeros(cfg.repr_dim)}
     if cfg.action_negatives > 0 and cfg.action_sampler == "bc":  # the behaviour model, the actor's architecture
-        critic["behavior"] = nets.actor.init(jax.random.fold_in(k_phi, 2), jnp.zeros((1, obs_dim)))
+        critic["behavior"] = with_normalizer(nets.actor.init(jax.random.fold_in(k_phi, 2), jnp.zeros((1, obs_dim))),
+                                             cfg, obs_norm, obs_dim)
     if cfg.repr_norm == "unit":  # SigLIP's start: scale 10, and a bias at the log-odds of a positive, 1 / (B - 1)
         critic.update(absorbing=jax.random.normal(jax.random.fold_in(k_psi, 1), (cfg.repr_dim,)),
                       log_scale=jnp.asarray(math.log(10.0)), bias=jnp.asarray(-math.log(cfg.batch_size - 1)))
-    return critic
+    return with_normalizer(critic, cfg, obs_norm, obs_dim)
 
 
-def init_state(key: jax.Array, cfg: Config, nets: Networks, obs_dim: int, act_dim: int) -> TrainState:
+def init_state(key: jax.Array, cfg: Config, nets: Networks, obs_dim: int, act_dim: int,
+               obs_norm: dict | None = None) -> TrainState:
+    """obs_norm: state_normalizer(the dataset's states) with --normalize-states (None: a placeholder)."""
     k_phi, k_psi, k_actor, key = jax.random.split(key, 4)
     if cfg.critics == 1:
-        critic = init_critic(k_phi, k_psi, cfg, nets, obs_dim, act_dim)
+        critic = init_critic(k_phi, k_psi, cfg, nets, obs_dim, act_dim, obs_norm)
     else:  # an ensemble: parameters stacked on a leading axis
         keys = (jax.random.split(k, cfg.critics) for k in (k_phi, k_psi))
-        critic = jax.vmap(lambda a, b: init_critic(a, b, cfg, nets, obs_dim, act_dim))(*keys)
-    actor = nets.actor.init(k_actor, jnp.zeros((1, obs_dim)))
+        critic = jax.vmap(lambda a, b: init_critic(a, b, cfg, nets, obs_dim, act_dim, obs_norm))(*keys)
+    actor = with_normalizer(nets.actor.init(k_actor, jnp.zeros((1, obs_dim))), cfg, obs_norm, obs_dim)
     log_alpha = jnp.asarray(math.log(cfg.alpha) if cfg.alpha > 0 else 0.0, jnp.float32)
     opt = make_optimizer(cfg)
     return TrainState(critic, critic, actor, log_alpha, opt.init(critic), opt.init(actor), opt.init(log_alpha), key,
                       jnp.zeros((), jnp.int32))
 
 
-def init_states(cfg: Config, nets: Networks, seeds: Sequence[int], obs_dim: int, act_dim: int) -> TrainState:
+def init_states(cfg: Config, nets: Networks, seeds: Sequence[int], obs_dim: int, act_dim: int,
+                obs_norm: dict | None = None) -> TrainState:
     """One independent train state per seed, stacked on a leading seed axis."""
-    return init_seeds(lambda key: init_state(key, cfg, nets, obs_dim, act_dim), seeds)
+    return init_seeds(lambda key: init_state(key, cfg, nets, obs_dim, act_dim, obs_norm), seeds)
 
 
 def init_seeds(init_one, seeds: Sequence[int]):
@@ -1530,7 +1562,8 @@ def load_checkpoint(path: Path, config_cls=None, algorithm: str = "CVL") -> dict
 
 
 # Fields added after runs were saved, with the behaviour those runs had, so old runs resume unchanged.
-ADDED_FIELDS = {"goal_reward": "goal", "actor_objective": "q", "awr_advantage": "q", "td_weights": "raw"}
+ADDED_FIELDS = {"goal_reward": "goal", "actor_objective": "q", "awr_advantage": "q", "td_weights": "raw",
+                "normalize_states": False}
 # Variants removed (docs/experiments.md says why): field -> (the value that is today's behaviour, the last commit
 # that had the others). A run saved with today's behaviour resumes; one that used the variant is refused.
 REMOVED_FIELDS = {"conservative": (0.0, "d9bb3c9"), "density_ratio": ("raw", "d9bb3c9"),
@@ -1773,7 +1806,8 @@ def train(cfg: Config) -> dict:
     mesh = make_mesh(cfg)
     check_fits(cfg, len(data.rewards), obs_dim, act_dim, mesh.devices.size)
     nets = make_networks(cfg, act_dim)
-    algo = Algorithm("CVL", "cvl.py", lambda seeds: init_states(cfg, nets, seeds, obs_dim, act_dim),
+    obs_norm = state_normalizer(np.asarray(data.observations)) if cfg.normalize_states else None
+    algo = Algorithm("CVL", "cvl.py", lambda seeds: init_states(cfg, nets, seeds, obs_dim, act_dim, obs_norm),
                      make_train_fn(cfg, nets, mesh), env_policy(partial(eval_action, nets), env[0]),
                      replicate(data, mesh), data_fingerprint(data))
     return run_training(algo, cfg, env, mesh, f"{len(data.anchors):,} transitions with a future")

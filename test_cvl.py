@@ -464,10 +464,10 @@ def test_missing_corrupt_and_unknown_inputs_fail_clearly(tmp_path, dataset):
         cvl.eval_env_spec(cvl.Config(dataset=str(tmp_path / "mystery.hdf5")))
     # a config saved before --goal-reward, --actor-objective or --awr-advantage existed loads with what those runs did
     saved = dataclasses.asdict(cvl.Config(q_estimator="diag"))
-    for name in ("goal_reward", "actor_objective", "awr_advantage"):
+    for name in ("goal_reward", "actor_objective", "awr_advantage", "normalize_states"):
         del saved[name]
     old = cvl.config_from_dict(saved)
-    assert (old.goal_reward, old.actor_objective, old.awr_advantage) == ("goal", "q", "q")
+    assert (old.goal_reward, old.actor_objective, old.awr_advantage, old.normalize_states) == ("goal", "q", "q", False)
     assert cvl.config_from_dict(dataclasses.asdict(cvl.Config())).goal_reward == "arrival"
     # a removed variant: a run saved with today's behaviour resumes, one that used the variant is refused
     today = dataclasses.asdict(cvl.Config())
@@ -1843,6 +1843,61 @@ def test_layer_norm_normalises_every_hidden_layer_of_phi_and_psi():
                                atol=1e-5)
     assert "LayerNorm_0" in nets.psi.init(jax.random.key(0), jnp.zeros((1, 5)))["params"]
     assert "LayerNorm_0" not in nets.actor.init(jax.random.key(0), jnp.zeros((1, 5)))["params"]
+
+
+def test_normalize_states_feeds_every_network_the_standardised_state(raw_small):
+    """--normalize-states: phi, psi, the actor and the behaviour model see (s - mean) / (std + 1e-3) of the data's
+    states (numpy), i.e. exactly what the same parameters give on states standardised beforehand; the absorbing
+    goal and the actions are untouched."""
+    cfg = cvl.make_config("cpu", hidden=(16,), repr_dim=4, normalize_states=True, critics=2, action_negatives=2)
+    nets = cvl.make_networks(cfg, 6)
+    obs = raw_small["observations"]
+    norm = cvl.state_normalizer(obs)
+    mean, std = obs.astype(np.float64).mean(0), obs.astype(np.float64).std(0) + 1e-3
+    np.testing.assert_allclose(norm["mean"], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(norm["std"], std, rtol=1e-5)
+    state = cvl.init_state(jax.random.key(0), cfg, nets, 17, 6, norm)
+    plain = jax.tree.map(lambda x: x, state)  # the same parameters without the statistics
+    plain = plain.replace(critic={k: v for k, v in state.critic.items() if k != "obs"},
+                          actor={k: v for k, v in state.actor.items() if k != "obs"})
+    plain.critic["behavior"] = {k: v for k, v in state.critic["behavior"].items() if k != "obs"}
+    s, a, g = obs[:32], raw_small["actions"][:32], raw_small["next_observations"][:32]
+    z, zg = ((s - mean) / std).astype(np.float32), ((g - mean) / std).astype(np.float32)
+    absorbing = np.arange(32) % 5 == 0
+    member = jax.tree.map(lambda x: x[1], state.critic)  # one critic of the ensemble
+    plain_member = jax.tree.map(lambda x: x[1], plain.critic)
+    close = partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5)
+    close(cvl.sa_features(nets, member, s, a), cvl.sa_features(nets, plain_member, z, a))
+    close(cvl.goal_features(nets, state.critic, g, absorbing), cvl.goal_features(nets, plain.critic, zg, absorbing))
+    close(cvl.eval_action(nets, state.actor, s), cvl.eval_action(nets, plain.actor, z))
+    behavior = member["behavior"], plain_member["behavior"]
+    close(cvl.actor_dist(nets, behavior[0], s, cfg)[0], cvl.actor_dist(nets, behavior[1], z, cfg)[0])
+    # and it matters: unstandardised states give other features
+    raw_phi = cvl.sa_features(nets, plain_member, s, a)
+    assert np.abs(np.asarray(raw_phi - cvl.sa_features(nets, member, s, a))).max() > 1e-2
+    # off: no statistics in the parameters, states go in as they are
+    off = cvl.init_state(jax.random.key(0), cvl.make_config("cpu", hidden=(16,), repr_dim=4), nets, 17, 6, norm)
+    assert "obs" not in off.critic and "obs" not in off.actor
+
+
+def test_the_state_statistics_are_never_trained_and_travel_with_the_checkpoint(tmp_path, dataset, raw_small):
+    """Training moves every parameter but the statistics; --evaluate reads them from the checkpoint and plays the
+    same episodes as the run's last evaluation."""
+    final = cvl.train(small_config(dataset, tmp_path, steps=100, normalize_states=True, actor_objective="ddpg"))
+    saved = flax.serialization.msgpack_restore((Path(final["run_dir"]) / "checkpoint.msgpack").read_bytes())["state"]
+    norm = cvl.state_normalizer(raw_small["observations"])
+    for params in (saved["critic"], saved["critic_target"], saved["actor"]):  # [0]: the seed axis
+        np.testing.assert_allclose(params["obs"]["mean"][0], norm["mean"], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(params["obs"]["std"][0], norm["std"], rtol=1e-6)
+    for params in (saved["critic"], saved["actor"]):  # Adam's step on a zero gradient is exactly 0 (the Polyak
+        for k in ("mean", "std"):                    # average of the target may round them by an ulp)
+            np.testing.assert_array_equal(params["obs"][k][0], cvl.state_normalizer(
+                np.asarray(cvl.load_env_data(small_config(dataset, tmp_path))[0].observations))[k])
+    cfg = small_config(dataset, tmp_path, normalize_states=True)
+    start = cvl.init_state(jax.random.key(0), cfg, cvl.make_networks(cfg, 6), 17, 6, norm)
+    assert not np.allclose(saved["actor"]["params"]["Dense_0"]["kernel"][0], start.actor["params"]["Dense_0"]["kernel"])
+    result = cvl.evaluate_checkpoint(final["run_dir"], episodes=2)
+    assert result["score"] == pytest.approx(float(read_rows(final["run_dir"])[-1]["score"]), rel=1e-9)
 
 
 def test_one_update_uses_the_parameters_from_before_it_and_the_actor_never_moves_the_critic(raw_small):
