@@ -1857,8 +1857,8 @@ def test_normalize_states_feeds_every_network_the_standardised_state(raw_small):
     np.testing.assert_allclose(norm["mean"], mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(norm["std"], std, rtol=1e-5)
     state = cvl.init_state(jax.random.key(0), cfg, nets, 17, 6, norm)
-    plain = jax.tree.map(lambda x: x, state)  # the same parameters without the statistics
-    plain = plain.replace(critic={k: v for k, v in state.critic.items() if k != "obs"},
+    # the same parameters without the statistics
+    plain = state.replace(critic={k: v for k, v in state.critic.items() if k != "obs"},
                           actor={k: v for k, v in state.actor.items() if k != "obs"})
     plain.critic["behavior"] = {k: v for k, v in state.critic["behavior"].items() if k != "obs"}
     s, a, g = obs[:32], raw_small["actions"][:32], raw_small["next_observations"][:32]
@@ -1889,10 +1889,10 @@ def test_the_state_statistics_are_never_trained_and_travel_with_the_checkpoint(t
     for params in (saved["critic"], saved["critic_target"], saved["actor"]):  # [0]: the seed axis
         np.testing.assert_allclose(params["obs"]["mean"][0], norm["mean"], rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(params["obs"]["std"][0], norm["std"], rtol=1e-6)
+    trained_on = cvl.state_normalizer(np.asarray(cvl.load_env_data(small_config(dataset, tmp_path))[0].observations))
     for params in (saved["critic"], saved["actor"]):  # Adam's step on a zero gradient is exactly 0 (the Polyak
         for k in ("mean", "std"):                    # average of the target may round them by an ulp)
-            np.testing.assert_array_equal(params["obs"][k][0], cvl.state_normalizer(
-                np.asarray(cvl.load_env_data(small_config(dataset, tmp_path))[0].observations))[k])
+            np.testing.assert_array_equal(params["obs"][k][0], trained_on[k])
     cfg = small_config(dataset, tmp_path, normalize_states=True)
     start = cvl.init_state(jax.random.key(0), cfg, cvl.make_networks(cfg, 6), 17, 6, norm)
     assert not np.allclose(saved["actor"]["params"]["Dense_0"]["kernel"][0], start.actor["params"]["Dense_0"]["kernel"])

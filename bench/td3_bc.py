@@ -56,9 +56,11 @@ class Transitions(NamedTuple):
     rows: jax.Array  # rows with a usable target: next state known, or a termination (no bootstrap needed)
 
 
-def normalizer(observations: np.ndarray, eps: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
-    """TD3+BC's state normalisation: per-dimension mean and std + eps over the dataset's states."""
-    return observations.mean(axis=0), observations.std(axis=0) + eps
+def normalizer(observations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """TD3+BC's state normalisation, (mean, std + 1e-3) per dimension over the dataset's states: the statistics of
+    cvl.py's --normalize-states (cvl.state_normalizer)."""
+    norm = cvl.state_normalizer(observations)
+    return norm["mean"], norm["std"]
 
 
 def usable_rows(data: cvl.Data) -> tuple[np.ndarray, np.ndarray]:
