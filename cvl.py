@@ -98,10 +98,11 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class Config(RunConfig):
-    """Every knob of a run. Defaults are the paper's offline setting (the `paper` preset) except the policy step:
-    AWR on the one-step TD advantage, because the paper's Q-maximising actor collapsed on hopper-medium-local while
-    AWR stayed at behaviour cloning's level on both local datasets (README Results). --actor-objective q is the
-    paper's actor."""
+    """Every knob of a run. Defaults are the paper's offline setting (the `paper` preset) except two things, both
+    measured on both local datasets (README Results): states are standardised by the dataset's mean and std (as
+    TD3+BC does; the paper and the original code feed raw states: --no-normalize-states), and the policy step is
+    TD3+BC's normalised DDPG+BC on the contrastive Q (the paper's actor, raw Q plus 0.05 BC, collapsed on hopper:
+    --actor-objective q; AWR on the TD advantage, the previous default, stayed at BC's level: --actor-objective awr)."""
 
     # --- algorithm
     repr_dim: int = _flag(16, "Size of the representations phi(s, a) and psi(g).")
@@ -128,9 +129,10 @@ class Config(RunConfig):
                                 "log pi_beta(a|s) to f (an ablation: a biased critic).", choices=("bc", "uniform"))
     layer_norm: bool = _flag(False, "LayerNorm after every hidden layer of phi and psi (as ReBRAC and Zheng et al. "
                              "2023's stable contrastive RL).")
-    normalize_states: bool = _flag(False, "Standardise states (the networks' state and goal inputs) by the dataset's "
+    normalize_states: bool = _flag(True, "Standardise states (the networks' state and goal inputs) by the dataset's "
                                    "per-dimension mean and std, as TD3+BC does; the statistics are saved with the "
-                                   "parameters and the policy applies them to the env's observations.")
+                                   "parameters and the policy applies them to the env's observations. "
+                                   "--no-normalize-states: raw states, as the paper and the original code.")
     tau: float = _flag(0.005, "With --critic-loss td: Polyak step of the target critic.")
     td_max_weight: float = _flag(20.0, "With --critic-loss td: clip the bootstrap weights exp(f_target) here.")
     td_weights: str = _flag("raw", "With --critic-loss td: raw: the bootstrap weights are exp(f_target(s', a', g_j)) "
@@ -145,11 +147,11 @@ class Config(RunConfig):
     goal_reward: str = _flag("arrival", "r(g) for goal s_{t+k}: arrival: rewards[t+k-1], the reward of the step into "
                              "s_{t+k}, for which E[r(g)] / (1 - gamma) is exactly Q(s_t, a_t); goal: rewards[t+k], "
                              "the reward logged at the goal row (original code).", choices=("arrival", "goal"))
-    actor_objective: str = _flag("awr", "awr: advantage-weighted regression on the dataset's actions (one-step "
+    actor_objective: str = _flag("ddpg", "awr: advantage-weighted regression on the dataset's actions (one-step "
                                  "offline RL), weights exp(awr_beta * A / std(A)); q: maximise the Q estimate at the "
                                  "policy's reparameterised actions plus a BC term (the paper; see --bc-coef); ddpg: "
                                  "TD3+BC's normalised DDPG+BC, lambda Q(s, pi(s)) - (pi(s) - a)^2 with lambda = "
-                                 "ddpg_alpha / mean|Q|.", choices=("awr", "q", "ddpg"))
+                                 "ddpg_alpha / mean|Q| (the default).", choices=("awr", "q", "ddpg"))
     bc_coef: float = _flag(0.05, "With --actor-objective q: weight of the behaviour-cloning term; 1.0 is pure "
                            "behaviour cloning.")
     awr_beta: float = _flag(0.5, "With --actor-objective awr: inverse temperature on the batch-standardised "

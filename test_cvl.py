@@ -697,7 +697,7 @@ def test_contrastive_td_loss_matches_a_plain_loop(repr_norm, td_weights):
     rng = np.random.default_rng(0)
     b, obs_dim, act_dim = 6, 3, 2
     cfg = cvl.make_config("cpu", hidden=(16,), repr_dim=4, critic_loss="td", gamma=0.8, td_max_weight=3.0,
-                          repr_norm=repr_norm, td_weights=td_weights)
+                          repr_norm=repr_norm, td_weights=td_weights, normalize_states=False)  # raw inputs by hand
     nets = cvl.make_networks(cfg, act_dim)
     state = cvl.init_state(jax.random.key(0), cfg, nets, obs_dim, act_dim)
     target = jax.tree.map(lambda x: x * 1.5 + 0.1, state.critic)  # a target different from the critic
@@ -1339,13 +1339,16 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     (dict(eval_env="CartPole-v1"), "needs flat continuous (Box) spaces"),
     (dict(actor_objective="awr", awr_advantage="td", q_estimator="diag"),
      "--awr-advantage td adds r to Q, so Q must be in the reward's units, which --q-estimator diag is not"),
-    (dict(bc_coef=1.0), "--bc-coef 1.0 does nothing with --actor-objective awr: add --actor-objective q, or drop"),
+    (dict(bc_coef=1.0, actor_objective="awr"), "--bc-coef 1.0 does nothing with --actor-objective awr: add "
+                                               "--actor-objective q, or drop"),
     (dict(bc_coef=1.0, actor_objective="ddpg"), "--bc-coef 1.0 does nothing with --actor-objective ddpg"),
     (dict(actor_objective="ddpg", alpha=0.1), "--alpha 0.1 does nothing with --actor-objective ddpg: add "
                                               "--actor-objective awr or q"),
     (dict(actor_objective="ddpg", ddpg_alpha=0), "--ddpg-alpha must be positive"),
-    (dict(ddpg_alpha=1.0), "--ddpg-alpha 1.0 does nothing with --actor-objective awr: add --actor-objective ddpg"),
+    (dict(ddpg_alpha=1.0, actor_objective="awr"), "--ddpg-alpha 1.0 does nothing with --actor-objective awr: add "
+                                                  "--actor-objective ddpg"),
     (dict(awr_beta=2.0, actor_objective="q"), "--awr-beta 2.0 does nothing with --actor-objective q"),
+    (dict(awr_beta=2.0), "--awr-beta 2.0 does nothing with --actor-objective ddpg: add --actor-objective awr"),
     (dict(tau=0.01), "--tau 0.01 does nothing with --critic-loss nce: add --critic-loss td"),
     (dict(td_max_weight=5), "--td-max-weight 5.0 does nothing with --critic-loss nce"),
     (dict(td_weights="normalized"), "--td-weights normalized does nothing with --critic-loss nce: add --critic-loss "
@@ -1353,9 +1356,10 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     (dict(action_negatives=-1), "--action-negatives must be >= 0"),
     (dict(action_coef=2.0), "--action-coef 2.0 does nothing with --action-negatives 0: add --action-negatives M"),
     (dict(action_sampler="uniform"), "--action-sampler uniform does nothing with --action-negatives 0"),
-    (dict(ddpg_alpha=1.0), "--ddpg-alpha 1.0 does nothing with --actor-objective awr: add --actor-objective ddpg"),
+    (dict(ddpg_alpha=1.0, actor_objective="q"), "--ddpg-alpha 1.0 does nothing with --actor-objective q: add "
+                                                "--actor-objective ddpg"),
     (dict(batch_size=1), "--batch-size 1 leaves the critic no negatives"),
-    (dict(goal_reward="goal"), "--goal-reward goal leaves r_t out of Q"),
+    (dict(goal_reward="goal", actor_objective="awr"), "--goal-reward goal leaves r_t out of Q"),
 ])
 def test_bad_flags_stop_before_anything_is_written(tmp_path, dataset, flags, expected):
     fails_in_one_line(small_args(dataset, tmp_path / "out", **flags), expected)
@@ -1876,7 +1880,8 @@ def test_normalize_states_feeds_every_network_the_standardised_state(raw_small):
     raw_phi = cvl.sa_features(nets, plain_member, s, a)
     assert np.abs(np.asarray(raw_phi - cvl.sa_features(nets, member, s, a))).max() > 1e-2
     # off: no statistics in the parameters, states go in as they are
-    off = cvl.init_state(jax.random.key(0), cvl.make_config("cpu", hidden=(16,), repr_dim=4), nets, 17, 6, norm)
+    off = cvl.init_state(jax.random.key(0), cvl.make_config("cpu", hidden=(16,), repr_dim=4, normalize_states=False),
+                         nets, 17, 6, norm)
     assert "obs" not in off.critic and "obs" not in off.actor
 
 
@@ -1982,7 +1987,7 @@ def test_bc_coef_1_is_exactly_behaviour_cloning(raw_small):
 @pytest.mark.parametrize("stds, rises", [((1e-4, 1e-3), True), ((0.5, 0.6), False)])
 def test_auto_alpha_rises_while_entropy_is_below_target_and_falls_above(raw_small, stds, rises):
     cfg = cvl.make_config("cpu", hidden=(32,), repr_dim=8, batch_size=32, auto_alpha=True, actor_min_std=stds[0],
-                          actor_max_std=stds[1])
+                          actor_max_std=stds[1], actor_objective="q")
     nets = cvl.make_networks(cfg, 6)
     state = cvl.init_state(jax.random.key(0), cfg, nets, 17, 6)
     data = cvl.make_data(raw_small)

@@ -9,8 +9,8 @@ Columns, all from this one run:
 - GFLOP per update from XLA's own cost analysis of the compiled one-update step;
 - this machine's peak dense float32 matmul throughput (a large jitted jnp.dot, best of several);
 - the fraction of that peak the train step reaches;
-- the same for the other policy step (the paper's actor, --actor-objective q, when the default is awr) at the first
-  size, so both can be compared in one run;
+- the same for the other policy steps (--actor-objective awr and q; the paper's is q) at the first size, so all
+  can be compared in one run;
 - TD3+BC's updates/s (bench/td3_bc.py at its published settings), the reference method, on the same data;
 - the seconds of one 10-episode evaluation (cvl.evaluate, the policy compiled once) and its share of a run;
 - the naive baseline: the same update maths, but each batch sampled on the host with numpy, copied to the device,
@@ -116,8 +116,8 @@ def main():
     default = cvl.Config()
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), jax "
           f"{jax.__version__}; dataset {args.dataset.name}; peak float32 matmul {peak / 1e9:.0f} GFLOP/s; "
-          f"CVL rows: the default policy step (--actor-objective {default.actor_objective}, --awr-advantage "
-          f"{default.awr_advantage})")
+          f"CVL rows: the default policy step (--actor-objective {default.actor_objective}), states "
+          f"{'standardised' if default.normalize_states else 'raw'}")
     header = ("| hidden | batch | updates/call | updates/s | GFLOP/update | GFLOP/s | % of matmul peak | "
               "naive updates/s | speed-up |")
     print(header + "\n|" + "---:|" * 9)

@@ -36,34 +36,46 @@ MAKE = {"halfcheetah-mixed-local": [str(SHARED / "halfcheetah_medium-local.hdf5"
                                     "--random-episodes", "300", "--seed", "0"]}  # bench/mixed_dataset.py
 CVL, TD3BC = ROOT / "cvl.py", ROOT / "bench" / "td3_bc.py"
 # (method, folder, script, extra flags, seeds). Everything else is cvl.py's cpu preset, or TD3+BC's published settings.
+RAW = ["--no-normalize-states"]  # the rows screened before states were standardised by default (2026-12-02)
 METHODS = [
-    ("CVL (default: AWR on the TD advantage, beta 0.5)", "cvl", CVL, [], 3),
+    ("CVL (default: standardised states, DDPG+BC)", "cvl", CVL, [], 3),
     ("BC (--actor-objective q --bc-coef 1.0)", "bc", CVL, ["--actor-objective", "q", "--bc-coef", "1.0"], 3),
     ("TD3+BC (bench/td3_bc.py)", "td3bc", TD3BC, [], 3),
-    ("CVL, the paper's actor (--actor-objective q)", "cvl-q", CVL, ["--actor-objective", "q"], 3),
-    ("CVL, AWR beta 1 (--awr-beta 1.0)", "cvl-awr-td", CVL, ["--awr-beta", "1.0"], 3),
-    ("CVL, actions contrasted at the state + DDPG+BC actor (--action-negatives 8 --actor-objective ddpg)",
-     "cvl-ac8-ddpg", CVL, ["--action-negatives", "8", "--actor-objective", "ddpg"], 3),
-    ("CVL, DDPG+BC actor only (--actor-objective ddpg)", "cvl-ddpg", CVL, ["--actor-objective", "ddpg"], 3),
-    ("CVL, actions contrasted + DDPG+BC + LayerNorm (--action-negatives 8 --actor-objective ddpg --layer-norm)",
-     "cvl-ac8-ddpg-ln", CVL, ["--action-negatives", "8", "--actor-objective", "ddpg", "--layer-norm"], 3),
-    ("CVL, actions contrasted + AWR on the critic's own advantage (--action-negatives 8 --awr-advantage q)",
-     "cvl-ac8-awrq", CVL, ["--action-negatives", "8", "--awr-advantage", "q"], 3),
-    ("CVL, contrastive TD with twin critics + DDPG+BC (--critic-loss td --critics 2 --actor-objective ddpg)",
-     "cvl-td2-ddpg", CVL, ["--critic-loss", "td", "--critics", "2", "--actor-objective", "ddpg"], 3),
-    ("CVL, contrastive TD with normalised bootstrap weights, twin critics + DDPG+BC (--critic-loss td --td-weights "
-     "normalized --critics 2 --actor-objective ddpg)", "cvl-td2n-ddpg", CVL,
-     ["--critic-loss", "td", "--td-weights", "normalized", "--critics", "2", "--actor-objective", "ddpg"], 3),
-    ("CVL, AWR on the critic's own advantage (--awr-advantage q --awr-beta 1.0)", "cvl-awr", CVL,
-     ["--awr-advantage", "q", "--awr-beta", "1.0"], 3),
-    ("CVL, states standardised + DDPG+BC (--normalize-states --actor-objective ddpg)", "cvl-norm-ddpg", CVL,
-     ["--normalize-states", "--actor-objective", "ddpg"], 3),
-    ("CVL, states standardised (--normalize-states; AWR, the default's step)", "cvl-norm", CVL,
-     ["--normalize-states"], 3),
-    ("CVL, paper's actor with the original code's Q (--actor-objective q --q-estimator diag --goal-reward goal)",
-     "cvl-diag", CVL, ["--actor-objective", "q", "--q-estimator", "diag", "--goal-reward", "goal"], 1),
-    ("CVL, paper's actor with the paper's batch 1024 (--actor-objective q --batch-size 1024)", "cvl-batch1024", CVL,
-     ["--actor-objective", "q", "--batch-size", "1024"], 1),
+    ("CVL, the paper's actor and raw states (--actor-objective q --no-normalize-states)", "cvl-q", CVL,
+     ["--actor-objective", "q", *RAW], 3),
+    ("CVL, standardised states, AWR on the TD advantage (--actor-objective awr)", "cvl-std-awr", CVL,
+     ["--actor-objective", "awr"], 3),
+    ("CVL, the previous default: raw states, AWR on the TD advantage (--actor-objective awr --no-normalize-states)",
+     "cvl-raw-awr", CVL, ["--actor-objective", "awr", *RAW], 3),
+    ("BC, raw states (--actor-objective q --bc-coef 1.0 --no-normalize-states)", "bc-raw", CVL,
+     ["--actor-objective", "q", "--bc-coef", "1.0", *RAW], 3),
+    ("CVL, actions contrasted at the state (--action-negatives 8)", "cvl-ac8", CVL, ["--action-negatives", "8"], 3),
+    ("CVL, contrastive TD with twin critics (--critic-loss td --critics 2)", "cvl-td2", CVL,
+     ["--critic-loss", "td", "--critics", "2"], 3),
+    # raw states: the screens of 2026-12-01 (docs/experiments.md)
+    ("CVL, raw states, AWR beta 1 (--actor-objective awr --awr-beta 1.0 --no-normalize-states)", "cvl-awr-td", CVL,
+     ["--actor-objective", "awr", "--awr-beta", "1.0", *RAW], 3),
+    ("CVL, raw states, actions contrasted at the state + DDPG+BC (--action-negatives 8 --no-normalize-states)",
+     "cvl-ac8-ddpg", CVL, ["--action-negatives", "8", *RAW], 3),
+    ("CVL, raw states, DDPG+BC (--no-normalize-states)", "cvl-ddpg", CVL, RAW, 3),
+    ("CVL, raw states, actions contrasted + DDPG+BC + LayerNorm (--action-negatives 8 --layer-norm "
+     "--no-normalize-states)", "cvl-ac8-ddpg-ln", CVL, ["--action-negatives", "8", "--layer-norm", *RAW], 3),
+    ("CVL, raw states, actions contrasted + AWR on the critic's own advantage (--action-negatives 8 "
+     "--actor-objective awr --awr-advantage q --no-normalize-states)", "cvl-ac8-awrq", CVL,
+     ["--action-negatives", "8", "--actor-objective", "awr", "--awr-advantage", "q", *RAW], 3),
+    ("CVL, raw states, contrastive TD with twin critics + DDPG+BC (--critic-loss td --critics 2 "
+     "--no-normalize-states)", "cvl-td2-ddpg", CVL, ["--critic-loss", "td", "--critics", "2", *RAW], 3),
+    ("CVL, raw states, contrastive TD with normalised bootstrap weights, twin critics + DDPG+BC (--critic-loss td "
+     "--td-weights normalized --critics 2 --no-normalize-states)", "cvl-td2n-ddpg", CVL,
+     ["--critic-loss", "td", "--td-weights", "normalized", "--critics", "2", *RAW], 3),
+    ("CVL, raw states, AWR on the critic's own advantage (--actor-objective awr --awr-advantage q --awr-beta 1.0 "
+     "--no-normalize-states)", "cvl-awr", CVL, ["--actor-objective", "awr", "--awr-advantage", "q", "--awr-beta",
+                                                "1.0", *RAW], 3),
+    ("CVL, the paper's actor with the original code's Q (--actor-objective q --q-estimator diag --goal-reward goal "
+     "--no-normalize-states)", "cvl-diag", CVL,
+     ["--actor-objective", "q", "--q-estimator", "diag", "--goal-reward", "goal", *RAW], 1),
+    ("CVL, the paper's actor with the paper's batch 1024 (--actor-objective q --batch-size 1024 "
+     "--no-normalize-states)", "cvl-batch1024", CVL, ["--actor-objective", "q", "--batch-size", "1024", *RAW], 1),
 ]
 
 
