@@ -2441,13 +2441,15 @@ def test_results_curves_csv_round_trips_into_a_later_table_as_a_reference(tmp_pa
     assert back["TD3+BC"]["late"] == pytest.approx((45.0 + 47.0) / 2)
 
     runs = tmp_path / "runs"  # a later session: a new row ran, and a BC run exists here too (it wins over the CSV)
-    monkeypatch.setattr(results, "METHODS", [("BC", "bc", results.CVL, [], 1), ("new", "new", results.CVL, [], 3)])
-    for folder, score in (("bc", 60.0), ("new", 55.0)):
+    monkeypatch.setattr(results, "METHODS", [("BC", "bc", results.CVL, [], 1), ("new", "new", results.CVL, [], 3),
+                                             ("young", "young", results.CVL, [], 3)])
+    for folder, score in (("bc", 60.0), ("new", 55.0), ("young", "")):  # young: training, no evaluation yet
         run = runs / "hopper-medium-local" / folder / "hopper-medium-local__s0__x"
         run.mkdir(parents=True)
         (run / "checkpoint.msgpack").write_bytes(b"x")
         (run / "config.json").write_text(json.dumps({"num_seeds": 3}))
-        (run / "metrics.csv").write_text(f"step,wall_time,updates_per_sec,score,score_std\n1000,60,10,{score},1\n")
+        (run / "metrics.csv").write_text(f"step,wall_time,updates_per_sec,score,score_std\n1000,60,10,{score},"
+                                         f"{1 if score else ''}\n")
     screen = tmp_path / "screen"
     monkeypatch.setattr(sys, "argv", ["results.py", "--report-only", "--datasets", "hopper-medium-local", "--runs",
                                       str(runs), "--tables", str(screen), "--reference", str(ref)])
@@ -2455,6 +2457,7 @@ def test_results_curves_csv_round_trips_into_a_later_table_as_a_reference(tmp_pa
     table = (screen / "hopper-medium-local.md").read_text()
     assert "| TD3+BC (committed curve) | 40,000 | 3 | 47.0 +- 0.5 | 50.0 +- 2.0 | 46.0 |  |  |" in table
     assert "| BC | 1,000 | 3 | 60.0 +- 1.0 |" in table and "| BC (committed curve)" not in table
+    assert "| young" not in table  # no row until its first evaluation
     assert str(ref) in table
     written = results.read_curves(screen / "hopper-medium-local.csv")
     assert list(written) == ["BC", "new"]  # the reference's curve stays in its own table's CSV

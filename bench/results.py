@@ -129,6 +129,10 @@ def run_to_end(cmd: list[str]) -> int:
             signal.signal(sig, handler)
 
 
+def has_evaluation(run: Path) -> bool:
+    return any(r.get("score") for r in csv.DictReader(open(run / "metrics.csv")))
+
+
 def summarise(run: Path) -> dict:
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     evals = [r for r in rows if r.get("score")]
@@ -285,7 +289,7 @@ def main():
             if not args.report_only and (args.only is None or folder in args.only):
                 run_method(where, script, flags, seeds, dataset, args)
             run = latest_run(where)
-            if run is not None:
+            if run is not None and has_evaluation(run):  # a run still before its first evaluation has no row yet
                 results[name] = summarise(run)
         results.update({n: r for n, r in references.get(dataset, {}).items() if n not in results})
         if results:
