@@ -7,7 +7,7 @@ CVL learns an implicit multi-step model f(s, a, g) = phi(s, a) . psi(g) by contr
 state g from its own trajectory's discounted future (positive) against the futures of other transitions in the
 batch (negatives). exp(f) then estimates p(g | s, a) / p(g), so rewards of future states weighted by it give
 Q(s, a) without TD learning and without a reward model. A tanh-Gaussian actor maximises that Q estimate with a
-behaviour-cloning term.
+behaviour-cloning term (by default in TD3+BC's normalised form, on states standardised by the dataset's statistics).
 
     python cvl.py --env halfcheetah-medium-v2            # the paper's offline setting (GPU recommended)
     python cvl.py --env hopper-medium-v2 --preset cpu    # a small, quick setting for a laptop
