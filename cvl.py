@@ -7,7 +7,8 @@ CVL learns an implicit multi-step model f(s, a, g) = phi(s, a) . psi(g) by contr
 state g from its own trajectory's discounted future (positive) against the futures of other transitions in the
 batch (negatives). exp(f) then estimates p(g | s, a) / p(g), so rewards of future states weighted by it give
 Q(s, a) without TD learning and without a reward model. A tanh-Gaussian actor maximises that Q estimate with a
-behaviour-cloning term (by default in TD3+BC's normalised form, on states standardised by the dataset's statistics).
+behaviour-cloning term (the paper's actor); by default the policy is instead advantage-weighted regression on the
+data's actions with the one-step TD advantage, on states standardised by the dataset's statistics.
 
     python cvl.py --env halfcheetah-medium-v2            # the paper's offline setting (GPU recommended)
     python cvl.py --env hopper-medium-v2 --preset cpu    # a small, quick setting for a laptop
@@ -98,11 +99,11 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class Config(RunConfig):
-    """Every knob of a run. Defaults are the paper's offline setting (the `paper` preset) except two things, both
-    measured on both local datasets (README Results): states are standardised by the dataset's mean and std (as
-    TD3+BC does; the paper and the original code feed raw states: --no-normalize-states), and the policy step is
-    TD3+BC's normalised DDPG+BC on the contrastive Q (the paper's actor, raw Q plus 0.05 BC, collapsed on hopper:
-    --actor-objective q; AWR on the TD advantage, the previous default, stayed at BC's level: --actor-objective awr)."""
+    """Every knob of a run. Defaults are the paper's offline setting (the `paper` preset) except two things (README
+    Results): states are standardised by the dataset's mean and std, as TD3+BC does (the paper and the original code
+    feed raw states: --no-normalize-states), and the policy step is AWR on the one-step TD advantage (the paper's
+    actor, raw Q plus 0.05 BC, collapsed on hopper: --actor-objective q). TD3+BC's DDPG+BC step (--actor-objective
+    ddpg) scores higher on halfcheetah-medium-local but collapsed on a medium/random mix, where AWR held."""
 
     # --- algorithm
     repr_dim: int = _flag(16, "Size of the representations phi(s, a) and psi(g).")
@@ -147,11 +148,11 @@ class Config(RunConfig):
     goal_reward: str = _flag("arrival", "r(g) for goal s_{t+k}: arrival: rewards[t+k-1], the reward of the step into "
                              "s_{t+k}, for which E[r(g)] / (1 - gamma) is exactly Q(s_t, a_t); goal: rewards[t+k], "
                              "the reward logged at the goal row (original code).", choices=("arrival", "goal"))
-    actor_objective: str = _flag("ddpg", "awr: advantage-weighted regression on the dataset's actions (one-step "
+    actor_objective: str = _flag("awr", "awr: advantage-weighted regression on the dataset's actions (one-step "
                                  "offline RL), weights exp(awr_beta * A / std(A)); q: maximise the Q estimate at the "
                                  "policy's reparameterised actions plus a BC term (the paper; see --bc-coef); ddpg: "
                                  "TD3+BC's normalised DDPG+BC, lambda Q(s, pi(s)) - (pi(s) - a)^2 with lambda = "
-                                 "ddpg_alpha / mean|Q| (the default).", choices=("awr", "q", "ddpg"))
+                                 "ddpg_alpha / mean|Q|.", choices=("awr", "q", "ddpg"))
     bc_coef: float = _flag(0.05, "With --actor-objective q: weight of the behaviour-cloning term; 1.0 is pure "
                            "behaviour cloning.")
     awr_beta: float = _flag(0.5, "With --actor-objective awr: inverse temperature on the batch-standardised "

@@ -1348,7 +1348,8 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     (dict(ddpg_alpha=1.0, actor_objective="awr"), "--ddpg-alpha 1.0 does nothing with --actor-objective awr: add "
                                                   "--actor-objective ddpg"),
     (dict(awr_beta=2.0, actor_objective="q"), "--awr-beta 2.0 does nothing with --actor-objective q"),
-    (dict(awr_beta=2.0), "--awr-beta 2.0 does nothing with --actor-objective ddpg: add --actor-objective awr"),
+    (dict(awr_beta=2.0, actor_objective="ddpg"), "--awr-beta 2.0 does nothing with --actor-objective ddpg: add "
+                                                 "--actor-objective awr"),
     (dict(tau=0.01), "--tau 0.01 does nothing with --critic-loss nce: add --critic-loss td"),
     (dict(td_max_weight=5), "--td-max-weight 5.0 does nothing with --critic-loss nce"),
     (dict(td_weights="normalized"), "--td-weights normalized does nothing with --critic-loss nce: add --critic-loss "

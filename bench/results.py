@@ -38,36 +38,40 @@ CVL, TD3BC = ROOT / "cvl.py", ROOT / "bench" / "td3_bc.py"
 # (method, folder, script, extra flags, seeds). Everything else is cvl.py's cpu preset, or TD3+BC's published settings.
 RAW = ["--no-normalize-states"]  # the rows screened before states were standardised by default (2026-12-02)
 METHODS = [
-    ("CVL (default: standardised states, DDPG+BC)", "cvl", CVL, [], 3),
+    ("CVL (default: standardised states, AWR on the TD advantage)", "cvl", CVL, [], 3),
     ("BC (--actor-objective q --bc-coef 1.0)", "bc", CVL, ["--actor-objective", "q", "--bc-coef", "1.0"], 3),
     ("TD3+BC (bench/td3_bc.py)", "td3bc", TD3BC, [], 3),
     ("CVL, the paper's actor and raw states (--actor-objective q --no-normalize-states)", "cvl-q", CVL,
      ["--actor-objective", "q", *RAW], 3),
-    ("CVL, standardised states, AWR on the TD advantage (--actor-objective awr)", "cvl-std-awr", CVL,
-     ["--actor-objective", "awr"], 3),
-    ("CVL, the previous default: raw states, AWR on the TD advantage (--actor-objective awr --no-normalize-states)",
-     "cvl-raw-awr", CVL, ["--actor-objective", "awr", *RAW], 3),
+    ("CVL, standardised states, DDPG+BC (--actor-objective ddpg)", "cvl-std-ddpg", CVL,
+     ["--actor-objective", "ddpg"], 3),
+    ("CVL, raw states, AWR on the TD advantage (the default until 2026-12-02; --no-normalize-states)", "cvl-raw-awr",
+     CVL, ["--actor-objective", "awr", *RAW], 3),
     ("BC, raw states (--actor-objective q --bc-coef 1.0 --no-normalize-states)", "bc-raw", CVL,
      ["--actor-objective", "q", "--bc-coef", "1.0", *RAW], 3),
-    ("CVL, actions contrasted at the state (--action-negatives 8)", "cvl-ac8", CVL, ["--action-negatives", "8"], 3),
-    ("CVL, contrastive TD with twin critics (--critic-loss td --critics 2)", "cvl-td2", CVL,
-     ["--critic-loss", "td", "--critics", "2"], 3),
+    ("CVL, actions contrasted at the state + DDPG+BC (--action-negatives 8 --actor-objective ddpg)", "cvl-ac8", CVL,
+     ["--action-negatives", "8", "--actor-objective", "ddpg"], 3),
+    ("CVL, contrastive TD with twin critics + DDPG+BC (--critic-loss td --critics 2 --actor-objective ddpg)",
+     "cvl-td2", CVL, ["--critic-loss", "td", "--critics", "2", "--actor-objective", "ddpg"], 3),
     # raw states: the screens of 2026-12-01 (docs/experiments.md)
     ("CVL, raw states, AWR beta 1 (--actor-objective awr --awr-beta 1.0 --no-normalize-states)", "cvl-awr-td", CVL,
      ["--actor-objective", "awr", "--awr-beta", "1.0", *RAW], 3),
-    ("CVL, raw states, actions contrasted at the state + DDPG+BC (--action-negatives 8 --no-normalize-states)",
-     "cvl-ac8-ddpg", CVL, ["--action-negatives", "8", *RAW], 3),
-    ("CVL, raw states, DDPG+BC (--no-normalize-states)", "cvl-ddpg", CVL, RAW, 3),
-    ("CVL, raw states, actions contrasted + DDPG+BC + LayerNorm (--action-negatives 8 --layer-norm "
-     "--no-normalize-states)", "cvl-ac8-ddpg-ln", CVL, ["--action-negatives", "8", "--layer-norm", *RAW], 3),
+    ("CVL, raw states, actions contrasted at the state + DDPG+BC (--action-negatives 8 --actor-objective ddpg "
+     "--no-normalize-states)", "cvl-ac8-ddpg", CVL, ["--action-negatives", "8", "--actor-objective", "ddpg", *RAW], 3),
+    ("CVL, raw states, DDPG+BC (--actor-objective ddpg --no-normalize-states)", "cvl-ddpg", CVL,
+     ["--actor-objective", "ddpg", *RAW], 3),
+    ("CVL, raw states, actions contrasted + DDPG+BC + LayerNorm (--action-negatives 8 --actor-objective ddpg "
+     "--layer-norm --no-normalize-states)", "cvl-ac8-ddpg-ln", CVL,
+     ["--action-negatives", "8", "--actor-objective", "ddpg", "--layer-norm", *RAW], 3),
     ("CVL, raw states, actions contrasted + AWR on the critic's own advantage (--action-negatives 8 "
      "--actor-objective awr --awr-advantage q --no-normalize-states)", "cvl-ac8-awrq", CVL,
      ["--action-negatives", "8", "--actor-objective", "awr", "--awr-advantage", "q", *RAW], 3),
-    ("CVL, raw states, contrastive TD with twin critics + DDPG+BC (--critic-loss td --critics 2 "
-     "--no-normalize-states)", "cvl-td2-ddpg", CVL, ["--critic-loss", "td", "--critics", "2", *RAW], 3),
+    ("CVL, raw states, contrastive TD with twin critics + DDPG+BC (--critic-loss td --critics 2 --actor-objective "
+     "ddpg --no-normalize-states)", "cvl-td2-ddpg", CVL,
+     ["--critic-loss", "td", "--critics", "2", "--actor-objective", "ddpg", *RAW], 3),
     ("CVL, raw states, contrastive TD with normalised bootstrap weights, twin critics + DDPG+BC (--critic-loss td "
-     "--td-weights normalized --critics 2 --no-normalize-states)", "cvl-td2n-ddpg", CVL,
-     ["--critic-loss", "td", "--td-weights", "normalized", "--critics", "2", *RAW], 3),
+     "--td-weights normalized --critics 2 --actor-objective ddpg --no-normalize-states)", "cvl-td2n-ddpg", CVL,
+     ["--critic-loss", "td", "--td-weights", "normalized", "--critics", "2", "--actor-objective", "ddpg", *RAW], 3),
     ("CVL, raw states, AWR on the critic's own advantage (--actor-objective awr --awr-advantage q --awr-beta 1.0 "
      "--no-normalize-states)", "cvl-awr", CVL, ["--actor-objective", "awr", "--awr-advantage", "q", "--awr-beta",
                                                 "1.0", *RAW], 3),
