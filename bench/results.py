@@ -133,13 +133,12 @@ def run_to_end(cmd: list[str]) -> int:
             signal.signal(sig, handler)
 
 
-def has_evaluation(run: Path) -> bool:
-    return any(r.get("score") for r in csv.DictReader(open(run / "metrics.csv")))
-
-
-def summarise(run: Path) -> dict:
+def summarise(run: Path) -> dict | None:
+    """A run's row, or None while it has not reached its first evaluation (no curve to summarise yet)."""
     rows = list(csv.DictReader(open(run / "metrics.csv")))
     evals = [r for r in rows if r.get("score")]
+    if not evals:
+        return None
     cfg = json.loads((run / "config.json").read_text())
     done = np.diff([0] + [int(r["step"]) for r in rows])  # updates in each row's jitted call
     train_s = float(np.sum(done / np.array([float(r["updates_per_sec"]) for r in rows])))
@@ -293,8 +292,9 @@ def main():
             if not args.report_only and (args.only is None or folder in args.only):
                 run_method(where, script, flags, seeds, dataset, args)
             run = latest_run(where)
-            if run is not None and has_evaluation(run):  # a run still before its first evaluation has no row yet
-                results[name] = summarise(run)
+            summary = summarise(run) if run is not None else None
+            if summary is not None:
+                results[name] = summary
         results.update({n: r for n, r in references.get(dataset, {}).items() if n not in results})
         if results:
             args.tables.mkdir(parents=True, exist_ok=True)
