@@ -152,8 +152,7 @@ class Config(RunConfig):
                                  "offline RL), weights exp(awr_beta * A / std(A)); q: maximise the Q estimate at the "
                                  "policy's reparameterised actions plus a BC term (the paper; see --bc-coef); ddpg: "
                                  "TD3+BC's normalised DDPG+BC, lambda Q(s, pi(s)) - (pi(s) - a)^2 with lambda = "
-                                 "ddpg_alpha / mean|Q|; awr-ddpg: ddpg with each row's BC term weighted by AWR's "
-                                 "weights (normalised to mean 1).", choices=("awr", "q", "ddpg", "awr-ddpg"))
+                                 "ddpg_alpha / mean|Q|.", choices=("awr", "q", "ddpg"))
     bc_coef: float = _flag(0.05, "With --actor-objective q: weight of the behaviour-cloning term; 1.0 is pure "
                            "behaviour cloning.")
     awr_beta: float = _flag(0.5, "With --actor-objective awr: inverse temperature on the batch-standardised "
@@ -261,9 +260,9 @@ VARIANT_FLAGS = {
     "tau": ("critic_loss", ("td",)), "td_max_weight": ("critic_loss", ("td",)),
     "td_weights": ("critic_loss", ("td",)),
     "action_coef": ("action_negatives", None), "action_sampler": ("action_negatives", None),
-    "bc_coef": ("actor_objective", ("q",)), "ddpg_alpha": ("actor_objective", ("ddpg", "awr-ddpg")),
-    "awr_beta": ("actor_objective", ("awr", "awr-ddpg")), "awr_max_weight": ("actor_objective", ("awr", "awr-ddpg")),
-    "awr_advantage": ("actor_objective", ("awr", "awr-ddpg")),
+    "bc_coef": ("actor_objective", ("q",)), "ddpg_alpha": ("actor_objective", ("ddpg",)),
+    "awr_beta": ("actor_objective", ("awr",)), "awr_max_weight": ("actor_objective", ("awr",)),
+    "awr_advantage": ("actor_objective", ("awr",)),
     "alpha": ("actor_objective", ("awr", "q")), "auto_alpha": ("actor_objective", ("awr", "q")),
 }
 
@@ -318,11 +317,11 @@ def check_config(cfg: Config) -> None:
     if cfg.batch_size < 2:
         raise CVLError(f"--batch-size {cfg.batch_size} leaves the critic no negatives (the other rows' goals); use "
                        f"2 or more (256 or 1024 as the presets)")
-    if cfg.actor_objective in ("awr", "awr-ddpg") and cfg.awr_advantage == "td" and cfg.goal_reward == "goal":
+    if cfg.actor_objective == "awr" and cfg.awr_advantage == "td" and cfg.goal_reward == "goal":
         raise CVLError("--goal-reward goal leaves r_t out of Q, so the TD advantage (1 - gamma) r_t + gamma V(s') - "
                        "V(s) would count it where V does not; use --goal-reward arrival (the default) with it, or "
                        "--awr-advantage q, or another --actor-objective")
-    if cfg.actor_objective in ("awr", "awr-ddpg") and cfg.awr_advantage == "td" and cfg.q_estimator != "normalized":
+    if cfg.actor_objective == "awr" and cfg.awr_advantage == "td" and cfg.q_estimator != "normalized":
         raise CVLError(f"--awr-advantage td adds r to Q, so Q must be in the reward's units, which --q-estimator "
                        f"{cfg.q_estimator} is not; use --q-estimator normalized (the default) or the paper's actor "
                        f"(--actor-objective q)")
@@ -1165,40 +1164,23 @@ def actor_loss_awr(actor, critic, psi, nets: Networks, batch: Batch, key, alpha,
                       awr_weight_max=w.max(), awr_adv_std=adv.std(), awr_ess=ess)
 
 
-def ddpg_bc(actor, critic, psi, nets: Networks, batch: Batch, bc_weights, cfg: Config):
-    """-lambda Q(s, pi(s)) + bc_weights * mean over dims of (pi(s) - a_data)^2, pi(s) = tanh(mean), lambda =
-    ddpg_alpha / mean_batch |Q| held fixed; the std fitted by (equally weighted) BC with the mean held fixed."""
-    mean, std = actor_dist(nets, actor, batch.observations, cfg)
-    a = jnp.tanh(mean)
-    q = q_estimate(nets, critic, batch.observations, a, psi, batch.goal_rewards, cfg)
-    lmbda = jax.lax.stop_gradient(cfg.ddpg_alpha / (jnp.abs(q).mean() + 1e-8))
-    mse = jnp.mean((a - batch.actions) ** 2, axis=-1)
-    std_nll = bc_nll(jax.lax.stop_gradient(mean), std, batch.actions)
-    loss = jnp.mean(-lmbda * q + bc_weights * mse) + std_nll.mean()
-    return loss, dict(actor_loss=loss, q_mean=q.mean(), bc_mse=mse.mean(), bc_nll=std_nll.mean(), lmbda=lmbda)
-
-
 def actor_loss_ddpg(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):
     """TD3+BC's normalised DDPG+BC (Fujimoto & Gu 2021), which Park et al. (2024) found extracts a policy from a
     critic far better than AWR: -lambda Q(s, pi(s)) + mean over dims of (pi(s) - a_data)^2 with pi(s) = tanh(mean)
     and lambda = ddpg_alpha / mean_batch |Q| held fixed, so the trade-off is free of Q's scale. The std is not in
     that objective; it is fitted by BC alone (the mean held fixed), so the policy's spread stays the data's where
     a sample of pi is needed (V(s) of the TD advantage, contrastive TD's next action)."""
-    return ddpg_bc(actor, critic, psi, nets, batch, 1.0, cfg)
+    mean, std = actor_dist(nets, actor, batch.observations, cfg)
+    a = jnp.tanh(mean)
+    q = q_estimate(nets, critic, batch.observations, a, psi, batch.goal_rewards, cfg)
+    lmbda = jax.lax.stop_gradient(cfg.ddpg_alpha / (jnp.abs(q).mean() + 1e-8))
+    mse = jnp.mean((a - batch.actions) ** 2, axis=-1)
+    std_nll = bc_nll(jax.lax.stop_gradient(mean), std, batch.actions)
+    loss = jnp.mean(-lmbda * q + mse) + std_nll.mean()
+    return loss, dict(actor_loss=loss, q_mean=q.mean(), bc_mse=mse.mean(), bc_nll=std_nll.mean(), lmbda=lmbda)
 
 
-def actor_loss_awr_ddpg(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):
-    """DDPG+BC whose BC term is weighted row by row with AWR's weights (--awr-advantage, --awr-beta), divided by
-    their batch mean so the BC term keeps DDPG+BC's scale against lambda Q. On data that mixes a good and a bad
-    policy, plain BC pulls the deterministic pi(s) to the mean of both; the weights pull it to the better one and
-    leave the Q term to improve on it."""
-    adv, _ = awr_advantage(nets, critic, actor, psi, batch, jax.random.fold_in(key, 1), cfg)
-    w, ess = awr_weights(adv, cfg)
-    loss, metrics = ddpg_bc(actor, critic, psi, nets, batch, w / w.mean(), cfg)
-    return loss, dict(metrics, awr_weight_max=w.max() / w.mean(), awr_ess=ess)
-
-
-ACTOR_OBJECTIVES = {"q": actor_loss_q, "awr": actor_loss_awr, "ddpg": actor_loss_ddpg, "awr-ddpg": actor_loss_awr_ddpg}
+ACTOR_OBJECTIVES = {"q": actor_loss_q, "awr": actor_loss_awr, "ddpg": actor_loss_ddpg}
 
 
 # ======================================================================================================= update

@@ -53,8 +53,6 @@ METHODS = [
      ["--action-negatives", "8", "--actor-objective", "ddpg"], 3),
     ("CVL, contrastive TD with twin critics + DDPG+BC (--critic-loss td --critics 2 --actor-objective ddpg)",
      "cvl-td2", CVL, ["--critic-loss", "td", "--critics", "2", "--actor-objective", "ddpg"], 3),
-    ("CVL, DDPG+BC with AWR-weighted BC (--actor-objective awr-ddpg)", "cvl-awr-ddpg", CVL,
-     ["--actor-objective", "awr-ddpg"], 3),
     # raw states: the screens of 2026-12-01 (docs/experiments.md)
     ("CVL, raw states, AWR beta 1 (--actor-objective awr --awr-beta 1.0 --no-normalize-states)", "cvl-awr-td", CVL,
      ["--actor-objective", "awr", "--awr-beta", "1.0", *RAW], 3),
