@@ -2477,14 +2477,23 @@ def test_results_curves_csv_round_trips_into_a_later_table_as_a_reference(tmp_pa
     assert "the file's name must be a dataset's" in capsys.readouterr().err
 
 
-def test_mixed_dataset_appends_random_episodes_to_the_first_episodes_of_a_file(tmp_path, raw_small, capsys):
+def test_mixed_dataset_appends_random_episodes_to_the_first_episodes_of_a_file(tmp_path, raw_small, capsys,
+                                                                               monkeypatch):
     """bench/mixed_dataset.py: the file's first N episodes unchanged, then M episodes of uniform random actions that
     replay in the simulator (their rewards are the env's), each ending by its time limit; a file without
     next_observations gives a mix without them; a bad dataset is one error line, exit 2."""
     mixed = import_bench("mixed_dataset")
     src = write_hdf5(tmp_path / "src.hdf5", raw_small)  # 12 episodes of 60 steps
+    renames, replace = [], os.replace
+
+    def watched_replace(a, b):  # the file appears under its name only whole: written elsewhere, then renamed
+        renames.append((Path(a).name, Path(b).exists(), cvl.read_dataset_file(Path(a))["rewards"].size))
+        replace(a, b)
+
+    monkeypatch.setattr(mixed.os, "replace", watched_replace)
     out = mixed.main([str(src), ENV_ID, str(tmp_path / "mix.hdf5"), "--episodes", "3", "--random-episodes", "2",
                       "--length", "50", "--seed", "4"])
+    assert renames == [(f"mix.hdf5.{os.getpid()}.part", False, 280)] and not list(tmp_path.glob("*.part"))
     raw = cvl.read_dataset_file(out)
     assert len(raw["rewards"]) == 3 * 60 + 2 * 50 and set(raw) == set(mixed.KEYS)
     for k in mixed.KEYS:

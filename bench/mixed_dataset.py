@@ -11,6 +11,7 @@ The random episodes run to the env's own end (a fall) or --length steps (a time 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -77,9 +78,13 @@ def main(argv=None) -> Path:
     raw = mix(data, noise)
     import h5py
 
-    with h5py.File(args.out, "w") as f:
+    # Written under a name of this process's own, then renamed: two makers started together (two bench/results.py
+    # runs on a new machine) each write a whole file, and no reader ever opens a half-written one.
+    part = args.out.with_name(f"{args.out.name}.{os.getpid()}.part")
+    with h5py.File(part, "w") as f:
         for k, v in raw.items():
             f.create_dataset(k, data=v, compression="gzip")
+    os.replace(part, args.out)
     returns = [float(part["rewards"].sum()) / len(np.unique(cvl.split_episodes(part))) for part in (data, noise)]
     print(f"mixed_dataset: {len(data['rewards']):,} transitions of the data (mean return {returns[0]:.0f}) + "
           f"{len(noise['rewards']):,} random (mean return {returns[1]:.0f}) -> {args.out}")
