@@ -164,6 +164,11 @@ class Config(RunConfig):
                                choices=("td", "q"))
     ddpg_alpha: float = _flag(2.5, "With --actor-objective ddpg: the Q term's weight relative to the BC term, as "
                               "TD3+BC's alpha (its 2.5).")
+    ddpg_lambda: str = _flag("q", "With --actor-objective ddpg: how the Q term is scaled. q: lambda = ddpg_alpha / "
+                             "mean|Q| (TD3+BC); grad: lambda = ddpg_push / rms(dQ/da), so the Q term pulls the action "
+                             "equally hard on every dataset however steep the critic is there.", choices=("q", "grad"))
+    ddpg_push: float = _flag(0.025, "With --ddpg-lambda grad: lambda times the batch's rms dQ/da (TD3+BC's 2.5 / "
+                             "mean|Q| gave 0.026 on halfcheetah-medium-local and 0.07 on a medium/random mix).")
     alpha: float = _flag(0.0, "Entropy coefficient (0: no entropy bonus, as in the paper's offline setting).")
     auto_alpha: bool = _flag(False, "Tune alpha SAC-style towards entropy -|A| instead of a fixed --alpha.")
     actor_min_std: float = _flag(1e-6, "Lower bound of the std of the actor's Gaussian before tanh.")
@@ -260,11 +265,25 @@ VARIANT_FLAGS = {
     "tau": ("critic_loss", ("td",)), "td_max_weight": ("critic_loss", ("td",)),
     "td_weights": ("critic_loss", ("td",)),
     "action_coef": ("action_negatives", None), "action_sampler": ("action_negatives", None),
-    "bc_coef": ("actor_objective", ("q",)), "ddpg_alpha": ("actor_objective", ("ddpg",)),
+    "bc_coef": ("actor_objective", ("q",)), "ddpg_alpha": ("ddpg_lambda", ("q",)),
+    "ddpg_lambda": ("actor_objective", ("ddpg",)), "ddpg_push": ("ddpg_lambda", ("grad",)),
     "awr_beta": ("actor_objective", ("awr",)), "awr_max_weight": ("actor_objective", ("awr",)),
     "awr_advantage": ("actor_objective", ("awr",)),
     "alpha": ("actor_objective", ("awr", "q")), "auto_alpha": ("actor_objective", ("awr", "q")),
 }
+
+
+def idle_switches(cfg, name: str) -> list[tuple[str, tuple | None]]:
+    """The switches on the variant flag `name`'s chain that are off under cfg, as (switch, the values it acts with);
+    empty if the flag acts (--ddpg-push needs --ddpg-lambda grad, which needs --actor-objective ddpg)."""
+    off = []
+    while name in VARIANT_FLAGS:
+        switch, acts_with = VARIANT_FLAGS[name]
+        now = getattr(cfg, switch)
+        if not (now > 0 if acts_with is None else now in acts_with):
+            off.append((switch, acts_with))
+        name = switch
+    return off
 
 
 def flag_name(field_name: str) -> str:
@@ -296,7 +315,7 @@ def check_config(cfg: Config) -> None:
     """Range-check every flag, on every path (train, --resume, --evaluate, --inspect); one line per problem."""
     check_run_flags(cfg)
     check_ranges(cfg, positive=("repr_dim", "critics", "adam_eps", "actor_min_std", "awr_max_weight", "td_max_weight",
-                                "ddpg_alpha"),
+                                "ddpg_alpha", "ddpg_push"),
                  at_least_0=("devices", "alpha", "awr_beta", "video_steps", "num_processes", "action_negatives",
                              "action_coef"), below_1=("gamma",), up_to_1=("tau",))
     if cfg.process_id < -1:
@@ -307,13 +326,13 @@ def check_config(cfg: Config) -> None:
     if not 0.0 <= cfg.bc_coef <= 1.0:
         raise CVLError(f"--bc-coef must be in [0, 1], got {cfg.bc_coef}")
     if not cfg.resume:  # a resumed run keeps the settings it ran under
-        for name, (switch, acts_with) in VARIANT_FLAGS.items():
-            value, now = getattr(cfg, name), getattr(cfg, switch)
-            acts = now > 0 if acts_with is None else now in acts_with
-            if value != getattr(Config, name) and not acts:
-                needs = "M (M > 0)" if acts_with is None else " or ".join(acts_with)
-                raise CVLError(f"{flag_name(name)} {value} does nothing with {flag_name(switch)} {now}: add "
-                               f"{flag_name(switch)} {needs}, or drop the flag")
+        for name in VARIANT_FLAGS:
+            value, off = getattr(cfg, name), idle_switches(cfg, name)
+            if value != getattr(Config, name) and off:
+                now = " ".join(f"{flag_name(switch)} {getattr(cfg, switch)}" for switch, _ in off)
+                needs = " and ".join(f"{flag_name(switch)} " + ("M (M > 0)" if acts_with is None else
+                                                                 " or ".join(acts_with)) for switch, acts_with in off)
+                raise CVLError(f"{flag_name(name)} {value} does nothing with {now}: add {needs}, or drop the flag")
     if cfg.batch_size < 2:
         raise CVLError(f"--batch-size {cfg.batch_size} leaves the critic no negatives (the other rows' goals); use "
                        f"2 or more (256 or 1024 as the presets)")
@@ -1164,16 +1183,36 @@ def actor_loss_awr(actor, critic, psi, nets: Networks, batch: Batch, key, alpha,
                       awr_weight_max=w.max(), awr_adv_std=adv.std(), awr_ess=ess)
 
 
+# DDPG+BC's lambda (--ddpg-lambda), held fixed: each gets q_of(a) (the batch's Q at actions a), the policy's actions
+# and their Q, and returns lambda.
+def ddpg_lambda_q(q_of, a, q, cfg: Config):
+    """TD3+BC: ddpg_alpha / mean|Q|, free of Q's scale. The pull on the action is then alpha times the critic's
+    relative steepness rms(dQ/da) / mean|Q|, which differs between datasets (e.g. 2.7-fold between
+    halfcheetah-medium-local and a medium/random mix, whose random half halves mean|Q|)."""
+    return cfg.ddpg_alpha / (jnp.abs(q).mean() + 1e-8)
+
+
+def ddpg_lambda_grad(q_of, a, q, cfg: Config):
+    """ddpg_push / rms over the batch and action dims of dQ/da at the policy's actions: the Q term's gradient in the
+    action has rms ddpg_push on every dataset, against the BC term's 2 (a - a_data) / |A|."""
+    grad = jax.grad(lambda x: q_of(x).sum())(a)
+    return cfg.ddpg_push / (jnp.sqrt(jnp.mean(grad ** 2)) + 1e-8)
+
+
+DDPG_LAMBDAS = {"q": ddpg_lambda_q, "grad": ddpg_lambda_grad}
+
+
 def actor_loss_ddpg(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):
     """TD3+BC's normalised DDPG+BC (Fujimoto & Gu 2021), which Park et al. (2024) found extracts a policy from a
     critic far better than AWR: -lambda Q(s, pi(s)) + mean over dims of (pi(s) - a_data)^2 with pi(s) = tanh(mean)
-    and lambda = ddpg_alpha / mean_batch |Q| held fixed, so the trade-off is free of Q's scale. The std is not in
-    that objective; it is fitted by BC alone (the mean held fixed), so the policy's spread stays the data's where
-    a sample of pi is needed (V(s) of the TD advantage, contrastive TD's next action)."""
+    and lambda from --ddpg-lambda held fixed (TD3+BC's: ddpg_alpha / mean_batch |Q|). The std is not in that
+    objective; it is fitted by BC alone (the mean held fixed), so the policy's spread stays the data's where a
+    sample of pi is needed (V(s) of the TD advantage, contrastive TD's next action)."""
     mean, std = actor_dist(nets, actor, batch.observations, cfg)
     a = jnp.tanh(mean)
-    q = q_estimate(nets, critic, batch.observations, a, psi, batch.goal_rewards, cfg)
-    lmbda = jax.lax.stop_gradient(cfg.ddpg_alpha / (jnp.abs(q).mean() + 1e-8))
+    q_of = partial(q_estimate, nets, critic, batch.observations, psi=psi, goal_rewards=batch.goal_rewards, cfg=cfg)
+    q = q_of(a)
+    lmbda = jax.lax.stop_gradient(DDPG_LAMBDAS[cfg.ddpg_lambda](q_of, jax.lax.stop_gradient(a), q, cfg))
     mse = jnp.mean((a - batch.actions) ** 2, axis=-1)
     std_nll = bc_nll(jax.lax.stop_gradient(mean), std, batch.actions)
     loss = jnp.mean(-lmbda * q + mse) + std_nll.mean()

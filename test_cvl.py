@@ -801,6 +801,7 @@ def train_against_frozen_critic(batch, psi, phi, **flags):
 
 @pytest.mark.parametrize("objective, flags", [
     ("awr", dict(awr_beta=2.0, awr_advantage="q")), ("q", dict(bc_coef=0.5)), ("ddpg", dict()),
+    ("ddpg", dict(ddpg_lambda="grad", ddpg_push=1.0)),
     ("q", dict(bc_coef=0.5, q_estimator="marginal")), ("q", dict(bc_coef=0.5, q_estimator="diag"))])
 def test_actor_moves_towards_what_a_frozen_critic_prefers(objective, flags):
     """Each actor objective, trained alone against the frozen critic, moves the policy's first action up, while
@@ -851,6 +852,17 @@ def test_ddpg_actor_loss_against_a_hand_computation():
     expected = np.mean(-1.7 / np.abs(q).mean() * q + mse) + nll.mean()
     assert float(loss) == pytest.approx(expected, rel=1e-4)
     assert float(metrics["lmbda"]) == pytest.approx(1.7 / np.abs(q).mean(), rel=1e-4)
+
+    # --ddpg-lambda grad: lambda = ddpg_push / rms dQ/da. Here dQ/da_0 = 4 Var_softmax(r) (the softmax's weights
+    # move with f = 4 a_0 r), dQ/da_1 = 0, so the rms over rows and both dims is sqrt(mean(g0^2) / 2).
+    cfg = cvl.make_config("cpu", hidden=(16,), actor_objective="ddpg", ddpg_lambda="grad", ddpg_push=0.3)
+    loss, metrics = cvl.actor_loss_ddpg(actor, FROZEN_CRITIC, psi, nets, batch, jax.random.key(0), 0.0, cfg)
+    p = np.exp(f - f.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    g0 = 4 * (p @ r ** 2 - (p @ r) ** 2)
+    lmbda = 0.3 / np.sqrt(np.mean(g0 ** 2) / 2)
+    assert float(metrics["lmbda"]) == pytest.approx(lmbda, rel=1e-3)
+    assert float(loss) == pytest.approx(np.mean(-lmbda * q + mse) + nll.mean(), rel=1e-3)
 
 
 def test_awr_advantages_against_a_hand_computation():
@@ -1359,6 +1371,11 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     (dict(action_sampler="uniform"), "--action-sampler uniform does nothing with --action-negatives 0"),
     (dict(ddpg_alpha=1.0, actor_objective="q"), "--ddpg-alpha 1.0 does nothing with --actor-objective q: add "
                                                 "--actor-objective ddpg"),
+    (dict(actor_objective="ddpg", ddpg_lambda="grad", ddpg_alpha=1.0), "--ddpg-alpha 1.0 does nothing with "
+                                                                       "--ddpg-lambda grad: add --ddpg-lambda q"),
+    (dict(ddpg_push=0.1), "--ddpg-push 0.1 does nothing with --ddpg-lambda q --actor-objective awr: add --ddpg-lambda "
+                          "grad and --actor-objective ddpg, or drop"),
+    (dict(actor_objective="ddpg", ddpg_lambda="grad", ddpg_push=0), "--ddpg-push must be positive"),
     (dict(batch_size=1), "--batch-size 1 leaves the critic no negatives"),
     (dict(goal_reward="goal", actor_objective="awr"), "--goal-reward goal leaves r_t out of Q"),
 ])

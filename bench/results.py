@@ -51,6 +51,12 @@ METHODS = [
      ["--actor-objective", "q", "--bc-coef", "1.0", *RAW], 3),
     ("CVL, actions contrasted at the state + DDPG+BC (--action-negatives 8 --actor-objective ddpg)", "cvl-ac8", CVL,
      ["--action-negatives", "8", "--actor-objective", "ddpg"], 3),
+    ("CVL, DDPG+BC with the Q term scaled by its action gradient (--actor-objective ddpg --ddpg-lambda grad)",
+     "cvl-ddpg-grad", CVL, ["--actor-objective", "ddpg", "--ddpg-lambda", "grad"], 3),
+    ("CVL, DDPG+BC on the minimum of 2 critics (--critics 2 --actor-objective ddpg)", "cvl-ddpg-c2", CVL,
+     ["--critics", "2", "--actor-objective", "ddpg"], 3),
+    ("CVL, DDPG+BC on the minimum of 4 critics (--critics 4 --actor-objective ddpg)", "cvl-ddpg-c4", CVL,
+     ["--critics", "4", "--actor-objective", "ddpg"], 3),
     ("CVL, contrastive TD with twin critics + DDPG+BC (--critic-loss td --critics 2 --actor-objective ddpg)",
      "cvl-td2", CVL, ["--critic-loss", "td", "--critics", "2", "--actor-objective", "ddpg"], 3),
     # raw states: the screens of 2026-12-01 (docs/experiments.md)
