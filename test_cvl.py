@@ -2494,6 +2494,48 @@ def test_results_curves_csv_round_trips_into_a_later_table_as_a_reference(tmp_pa
     assert "the file's name must be a dataset's" in capsys.readouterr().err
 
 
+def test_results_keeps_a_tables_earlier_rows_whose_runs_are_not_here(tmp_path, monkeypatch, capsys):
+    """Run folders are not committed, so a later session's table keeps its CSV's rows that have no run here (marked,
+    dashed, written back to the CSV), a run here replaces its row, --fresh drops the rest, and a CSV that is not a
+    curves file stops in one line before anything trains."""
+    results = import_bench("results")
+    curve = ([10_000, 20_000], [40.0, 50.0], [1.0, 2.0])
+    r = dict(**results.curve_summary(*curve), steps=20_000, seeds=3, minutes=10.0, train_minutes=8.0)
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    results.report({"TD3+BC": r, "BC": r}, "hopper-medium-local", tables / "hopper-medium-local.md")
+    runs = tmp_path / "runs"
+    monkeypatch.setattr(results, "METHODS", [("BC", "bc", results.CVL, [], 3), ("new", "new", results.CVL, [], 3)])
+    for folder, score in (("bc", 60.0), ("new", 55.0)):
+        run = runs / "hopper-medium-local" / folder / "hopper-medium-local__s0__x"
+        run.mkdir(parents=True)
+        (run / "checkpoint.msgpack").write_bytes(b"x")
+        (run / "config.json").write_text(json.dumps({"num_seeds": 3}))
+        (run / "metrics.csv").write_text(f"step,wall_time,updates_per_sec,score,score_std\n1000,60,10,{score},1\n")
+    argv = ["results.py", "--report-only", "--datasets", "hopper-medium-local", "--runs", str(runs), "--tables",
+            str(tables)]
+    for _ in range(2):  # the second rebuild reads the kept row back from the CSV the first one wrote
+        monkeypatch.setattr(sys, "argv", argv)
+        results.main()
+        table = (tables / "hopper-medium-local.md").read_text()
+        assert "| TD3+BC (kept curve) | 20,000 | 3 | 50.0 +- 2.0 | 50.0 +- 2.0 | 50.0 |  |  |" in table
+        assert "| BC | 1,000 | 3 | 60.0 +- 1.0 |" in table and "| new | 1,000 |" in table and "| BC (kept" not in table
+        written = results.read_curves(tables / "hopper-medium-local.csv")
+        assert list(written) == ["BC", "new", "TD3+BC"] and written["BC"]["final"] == (60.0, 1.0)
+        np.testing.assert_allclose(written["TD3+BC"]["curve"][1], curve[1])
+    monkeypatch.setattr(sys, "argv", [*argv, "--fresh"])
+    results.main()
+    assert list(results.read_curves(tables / "hopper-medium-local.csv")) == ["BC", "new"]
+
+    (tables / "hopper-medium-local.csv").write_text("step,score\n1,2\n")
+    monkeypatch.setattr(sys, "argv", argv[:1] + argv[2:])  # would train: it must stop before that
+    monkeypatch.setattr(results, "run_method", lambda *a: pytest.fail("trained despite a bad table"))
+    with pytest.raises(SystemExit) as stop:
+        results.main()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and "hopper-medium-local.csv" in err and "--fresh" in err
+
+
 def test_mixed_dataset_appends_random_episodes_to_the_first_episodes_of_a_file(tmp_path, raw_small, capsys,
                                                                                monkeypatch):
     """bench/mixed_dataset.py: the file's first N episodes unchanged, then M episodes of uniform random actions that

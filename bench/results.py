@@ -53,6 +53,8 @@ METHODS = [
      ["--action-negatives", "8", "--actor-objective", "ddpg"], 3),
     ("CVL, DDPG+BC with the Q term scaled by its action gradient (--actor-objective ddpg --ddpg-lambda grad)",
      "cvl-ddpg-grad", CVL, ["--actor-objective", "ddpg", "--ddpg-lambda", "grad"], 3),
+    ("CVL, AWR on the critic's own advantage Q(s, a) - V(s) (--awr-advantage q)", "cvl-awrq", CVL,
+     ["--awr-advantage", "q"], 3),
     ("CVL, DDPG+BC on the minimum of 2 critics (--critics 2 --actor-objective ddpg)", "cvl-ddpg-c2", CVL,
      ["--critics", "2", "--actor-objective", "ddpg"], 3),
     ("CVL, DDPG+BC on the minimum of 4 critics (--critics 4 --actor-objective ddpg)", "cvl-ddpg-c4", CVL,
@@ -172,7 +174,7 @@ def write_curves(results: dict[str, dict], path: Path) -> None:
         w = csv.writer(f)
         w.writerow(CURVE_COLUMNS)
         for name, r in results.items():
-            if "reference" in r:  # another table's curve: that table's CSV has it
+            if "reference" in r and not r.get("kept"):  # another table's curve: that table's CSV has it
                 continue
             for step, score, std in zip(*r["curve"]):
                 w.writerow([name, r["seeds"], int(step), f"{score:.2f}", f"{std:.2f}"])
@@ -193,8 +195,7 @@ def read_curves(path: Path) -> dict[str, dict]:
                              train_minutes=None, reference=path)
         return out
     except (OSError, ValueError, TypeError) as e:  # missing, unreadable, not a curves CSV, a cell not a number
-        raise ValueError(f"--reference {path}: {e}; give the <dataset>.csv written beside a committed table, e.g. "
-                         "results/hopper-medium-local.csv") from None
+        raise ValueError(f"{path}: {e}") from None
 
 
 def minutes(m: float | None) -> str:
@@ -224,7 +225,7 @@ def report(results: dict[str, dict], dataset: str, out: Path, note: str = "") ->
     height = 5 + 0.17 * legend_rows
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(13, height), gridspec_kw=dict(width_ratios=(3, 2)))
     for name, r in results.items():
-        name = f"{name} (committed curve)" if "reference" in r else name
+        name = (f"{name} (kept curve)" if r.get("kept") else f"{name} (committed curve)") if "reference" in r else name
         lines.append(f"| {name} | {r['steps']:,} | {r['seeds']} | {r['final'][0]:.1f} +- {r['final'][1]:.1f} | "
                      f"{r['best'][0]:.1f} +- {r['best'][1]:.1f} | {r['late']:.1f} | {minutes(r['train_minutes'])} | "
                      f"{minutes(r['minutes'])} |")
@@ -252,13 +253,16 @@ def report(results: dict[str, dict], dataset: str, out: Path, note: str = "") ->
     fig.tight_layout(rect=(0, 0.17 * legend_rows / height, 1, 1))
     fig.savefig(out.with_suffix(".png"), dpi=120)
     write_curves(results, out.with_suffix(".csv"))
-    references = sorted({str(r["reference"]) for r in results.values() if "reference" in r})
+    references = sorted({str(r["reference"]) for r in results.values() if "reference" in r and not r.get("kept")})
+    kept = any(r.get("kept") for r in results.values())
     lines += ["", "Each row's steps are in the table. `python bench/results.py --steps N [--only FOLDER ...]` runs the "
               "rows (or extends them to N steps with --resume) and rewrites this file; run folders go to "
               "`results/runs/` and are not committed; each row's curve is in "
               f"`{out.with_suffix('.csv').name}`.",
               *([f"Rows marked '(committed curve)' are drawn from {', '.join(references)} (dashed; their runs are "
                  "not on this machine, so their minutes are unknown)."] if references else []),
+              *(["Rows marked '(kept curve)' are this table's earlier rows, kept from its CSV because their runs "
+                 "are not on this machine (dashed; minutes unknown)."] if kept else []),
               *(["", note] if note else []), "",
               f"![normalised score vs step]({out.with_suffix('.png').name})", ""]
     out.write_text("\n".join(lines))
@@ -280,6 +284,9 @@ def main():
     parser.add_argument("--reference", nargs="*", type=Path, default=[], help="committed curves CSVs (the "
                         "<dataset>.csv beside a table) whose rows are drawn beside the runs, dashed, where this "
                         "machine has no run of that row, e.g. --reference results/hopper-medium-local.csv")
+    parser.add_argument("--fresh", action="store_true", help="rows only from the runs on this machine; by "
+                        "default a table keeps the rows of its existing <dataset>.csv whose runs are not here (run "
+                        "folders are not committed, so a later session would otherwise drop them)")
     parser.add_argument("--note", default="", help="a paragraph written under each table, e.g. where the runs "
                         "were trained when not all on this machine")
     args = parser.parse_args()
@@ -290,7 +297,17 @@ def main():
         try:
             references.setdefault(path.stem, {}).update(read_curves(path))
         except ValueError as e:
-            parser.error(str(e))
+            parser.error(f"--reference {e}; give the <dataset>.csv written beside a committed table, e.g. "
+                         "results/hopper-medium-local.csv")
+    kept = {}  # dataset -> the table's own earlier rows, read before hours of training
+    for dataset in [] if args.fresh else args.datasets:
+        path = args.tables / f"{dataset}.csv"
+        if path.exists():
+            try:
+                kept[dataset] = {n: {**r, "kept": True} for n, r in read_curves(path).items()}
+            except ValueError as e:
+                parser.error(f"the table's own curves {e}; mend or remove it, or pass --fresh to rebuild the "
+                             "table from the runs here alone")
     for dataset in args.datasets:
         results = {}
         for name, folder, script, flags, seeds in METHODS:
@@ -301,6 +318,7 @@ def main():
             summary = summarise(run) if run is not None else None
             if summary is not None:
                 results[name] = summary
+        results.update({n: r for n, r in kept.get(dataset, {}).items() if n not in results})
         results.update({n: r for n, r in references.get(dataset, {}).items() if n not in results})
         if results:
             args.tables.mkdir(parents=True, exist_ok=True)
