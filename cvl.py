@@ -103,7 +103,8 @@ class Config(RunConfig):
     Results): states are standardised by the dataset's mean and std, as TD3+BC does (the paper and the original code
     feed raw states: --no-normalize-states), and the policy step is AWR on the one-step TD advantage (the paper's
     actor, raw Q plus 0.05 BC, collapsed on hopper: --actor-objective q). TD3+BC's DDPG+BC step (--actor-objective
-    ddpg) scores higher on halfcheetah-medium-local but collapsed on a medium/random mix, where AWR held."""
+    ddpg) scores higher on halfcheetah-medium-local but collapsed on a medium/random mix, where AWR held; scaled by
+    the action gradient (--ddpg-lambda grad) it holds on the mix but trails AWR on hopper."""
 
     # --- algorithm
     repr_dim: int = _flag(16, "Size of the representations phi(s, a) and psi(g).")
