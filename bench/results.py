@@ -320,6 +320,8 @@ def main():
                 results[name] = summary
         results.update({n: r for n, r in kept.get(dataset, {}).items() if n not in results})
         results.update({n: r for n, r in references.get(dataset, {}).items() if n not in results})
+        order = {name: i for i, (name, *_) in enumerate(METHODS)}  # the table lists rows as METHODS does
+        results = dict(sorted(results.items(), key=lambda item: order.get(item[0], len(order))))
         if results:
             args.tables.mkdir(parents=True, exist_ok=True)
             report(results, dataset, args.tables / f"{dataset}.md", args.note)
