@@ -223,11 +223,11 @@ class WriteError(CVLError):
 
 def write_file(path: Path, write, what: str) -> Path:
     """Every file cvl.py writes goes through here. write(tmp) fills a temp file beside `path` (same suffix, for
-    writers that go by the extension), which is fsynced, then renamed over `path`. On any failure (disk full,
-    read-only, no permission) the temp file is removed, a previous `path` is left intact, and one line names the
-    file and the reason."""
+    writers that go by the extension; named by this process, so two processes writing one file never share it),
+    which is fsynced, then renamed over `path`. On any failure (disk full, read-only, no permission) the temp file
+    is removed, a previous `path` is left intact, and one line names the file and the reason."""
     path = Path(path)
-    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}{path.suffix}")
     PROCESS["writing"] += 1  # a signal now waits for this write (stop_process)
     try:
         write(tmp)

@@ -2549,10 +2549,10 @@ def test_mixed_dataset_appends_random_episodes_to_the_first_episodes_of_a_file(t
         renames.append((Path(a).name, Path(b).exists(), cvl.read_dataset_file(Path(a))["rewards"].size))
         replace(a, b)
 
-    monkeypatch.setattr(mixed.os, "replace", watched_replace)
+    monkeypatch.setattr(cvl.os, "replace", watched_replace)
     out = mixed.main([str(src), ENV_ID, str(tmp_path / "mix.hdf5"), "--episodes", "3", "--random-episodes", "2",
                       "--length", "50", "--seed", "4"])
-    assert renames == [(f"mix.hdf5.{os.getpid()}.part", False, 280)] and not list(tmp_path.glob("*.part"))
+    assert renames == [(f"mix.tmp{os.getpid()}.hdf5", False, 280)] and not list(tmp_path.glob("*.tmp*"))
     raw = cvl.read_dataset_file(out)
     assert len(raw["rewards"]) == 3 * 60 + 2 * 50 and set(raw) == set(mixed.KEYS)
     for k in mixed.KEYS:

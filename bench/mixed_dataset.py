@@ -11,7 +11,6 @@ The random episodes run to the env's own end (a fall) or --length steps (a time 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -78,13 +77,15 @@ def main(argv=None) -> Path:
     raw = mix(data, noise)
     import h5py
 
-    # Written under a name of this process's own, then renamed: two makers started together (two bench/results.py
-    # runs on a new machine) each write a whole file, and no reader ever opens a half-written one.
-    part = args.out.with_name(f"{args.out.name}.{os.getpid()}.part")
-    with h5py.File(part, "w") as f:
-        for k, v in raw.items():
-            f.create_dataset(k, data=v, compression="gzip")
-    os.replace(part, args.out)
+    def write(tmp):
+        with h5py.File(tmp, "w") as f:
+            for k, v in raw.items():
+                f.create_dataset(k, data=v, compression="gzip")
+
+    try:  # whole or not at all, so two makers started together (two bench/results.py runs) never leave half a file
+        cvl.write_file(args.out, write, "the mixed dataset")
+    except cvl.CVLError as e:
+        parser.error(str(e))
     returns = [float(part["rewards"].sum()) / len(np.unique(cvl.split_episodes(part))) for part in (data, noise)]
     print(f"mixed_dataset: {len(data['rewards']):,} transitions of the data (mean return {returns[0]:.0f}) + "
           f"{len(noise['rewards']):,} random (mean return {returns[1]:.0f}) -> {args.out}")
