@@ -167,6 +167,14 @@ def curve_summary(steps, score, std) -> dict:
 CURVE_COLUMNS = ("method", "seeds", "step", "score", "score_std")
 
 
+def curve_source(r: dict, csv_path: Path) -> str:
+    """Where a row's curve came from: "" (a run here), "kept" (the CSV of the table being written) or "committed"
+    (another table's CSV, --reference)."""
+    if "reference" not in r:
+        return ""
+    return "kept" if Path(r["reference"]).resolve() == Path(csv_path).resolve() else "committed"
+
+
 def write_curves(results: dict[str, dict], path: Path) -> None:
     """Each row's seed-mean curve as CSV beside its table, so a later session can draw it (--reference) after the
     run folders are gone (they are not committed)."""
@@ -174,7 +182,7 @@ def write_curves(results: dict[str, dict], path: Path) -> None:
         w = csv.writer(f)
         w.writerow(CURVE_COLUMNS)
         for name, r in results.items():
-            if "reference" in r and not r.get("kept"):  # another table's curve: that table's CSV has it
+            if curve_source(r, path) == "committed":  # another table's curve: that table's CSV has it
                 continue
             for step, score, std in zip(*r["curve"]):
                 w.writerow([name, r["seeds"], int(step), f"{score:.2f}", f"{std:.2f}"])
@@ -225,7 +233,8 @@ def report(results: dict[str, dict], dataset: str, out: Path, note: str = "") ->
     height = 5 + 0.17 * legend_rows
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(13, height), gridspec_kw=dict(width_ratios=(3, 2)))
     for name, r in results.items():
-        name = (f"{name} (kept curve)" if r.get("kept") else f"{name} (committed curve)") if "reference" in r else name
+        source = curve_source(r, out.with_suffix(".csv"))
+        name = f"{name} ({source} curve)" if source else name
         lines.append(f"| {name} | {r['steps']:,} | {r['seeds']} | {r['final'][0]:.1f} +- {r['final'][1]:.1f} | "
                      f"{r['best'][0]:.1f} +- {r['best'][1]:.1f} | {r['late']:.1f} | {minutes(r['train_minutes'])} | "
                      f"{minutes(r['minutes'])} |")
@@ -253,8 +262,9 @@ def report(results: dict[str, dict], dataset: str, out: Path, note: str = "") ->
     fig.tight_layout(rect=(0, 0.17 * legend_rows / height, 1, 1))
     fig.savefig(out.with_suffix(".png"), dpi=120)
     write_curves(results, out.with_suffix(".csv"))
-    references = sorted({str(r["reference"]) for r in results.values() if "reference" in r and not r.get("kept")})
-    kept = any(r.get("kept") for r in results.values())
+    sources = {str(r["reference"]): curve_source(r, out.with_suffix(".csv")) for r in results.values()
+               if "reference" in r}
+    references = sorted(path for path, source in sources.items() if source == "committed")
     lines += ["", "Each row's steps are in the table. `python bench/results.py --steps N [--only FOLDER ...]` runs the "
               "rows (or extends them to N steps with --resume) and rewrites this file; run folders go to "
               "`results/runs/` and are not committed; each row's curve is in "
@@ -262,7 +272,7 @@ def report(results: dict[str, dict], dataset: str, out: Path, note: str = "") ->
               *([f"Rows marked '(committed curve)' are drawn from {', '.join(references)} (dashed; their runs are "
                  "not on this machine, so their minutes are unknown)."] if references else []),
               *(["Rows marked '(kept curve)' are this table's earlier rows, kept from its CSV because their runs "
-                 "are not on this machine (dashed; minutes unknown)."] if kept else []),
+                 "are not on this machine (dashed; minutes unknown)."] if "kept" in sources.values() else []),
               *(["", note] if note else []), "",
               f"![normalised score vs step]({out.with_suffix('.png').name})", ""]
     out.write_text("\n".join(lines))
@@ -304,10 +314,11 @@ def main():
         path = args.tables / f"{dataset}.csv"
         if path.exists():
             try:
-                kept[dataset] = {n: {**r, "kept": True} for n, r in read_curves(path).items()}
+                kept[dataset] = read_curves(path)
             except ValueError as e:
                 parser.error(f"the table's own curves {e}; mend or remove it, or pass --fresh to rebuild the "
                              "table from the runs here alone")
+    order = {name: i for i, (name, *_) in enumerate(METHODS)}  # tables list their rows as METHODS does
     for dataset in args.datasets:
         results = {}
         for name, folder, script, flags, seeds in METHODS:
@@ -320,7 +331,6 @@ def main():
                 results[name] = summary
         results.update({n: r for n, r in kept.get(dataset, {}).items() if n not in results})
         results.update({n: r for n, r in references.get(dataset, {}).items() if n not in results})
-        order = {name: i for i, (name, *_) in enumerate(METHODS)}  # the table lists rows as METHODS does
         results = dict(sorted(results.items(), key=lambda item: order.get(item[0], len(order))))
         if results:
             args.tables.mkdir(parents=True, exist_ok=True)
