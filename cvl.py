@@ -1184,20 +1184,19 @@ def actor_loss_awr(actor, critic, psi, nets: Networks, batch: Batch, key, alpha,
                       awr_weight_max=w.max(), awr_adv_std=adv.std(), awr_ess=ess)
 
 
-# DDPG+BC's lambda (--ddpg-lambda), held fixed: each gets q_of(a) (the batch's Q at actions a), the policy's actions
-# and their Q, and returns lambda.
-def ddpg_lambda_q(q_of, a, q, cfg: Config):
+# DDPG+BC's lambda (--ddpg-lambda), held fixed: each gets the batch's Q at the policy's actions and its gradient in
+# those actions, and returns lambda.
+def ddpg_lambda_q(q, dq_da, cfg: Config):
     """TD3+BC: ddpg_alpha / mean|Q|, free of Q's scale. The pull on the action is then alpha times the critic's
     relative steepness rms(dQ/da) / mean|Q|, which differs between datasets (e.g. 2.7-fold between
     halfcheetah-medium-local and a medium/random mix, whose random half halves mean|Q|)."""
     return cfg.ddpg_alpha / (jnp.abs(q).mean() + 1e-8)
 
 
-def ddpg_lambda_grad(q_of, a, q, cfg: Config):
+def ddpg_lambda_grad(q, dq_da, cfg: Config):
     """ddpg_push / rms over the batch and action dims of dQ/da at the policy's actions: the Q term's gradient in the
     action has rms ddpg_push on every dataset, against the BC term's 2 (a - a_data) / |A|."""
-    grad = jax.grad(lambda x: q_of(x).sum())(a)
-    return cfg.ddpg_push / (jnp.sqrt(jnp.mean(grad ** 2)) + 1e-8)
+    return cfg.ddpg_push / (jnp.sqrt(jnp.mean(dq_da ** 2)) + 1e-8)
 
 
 DDPG_LAMBDAS = {"q": ddpg_lambda_q, "grad": ddpg_lambda_grad}
@@ -1211,9 +1210,9 @@ def actor_loss_ddpg(actor, critic, psi, nets: Networks, batch: Batch, key, alpha
     sample of pi is needed (V(s) of the TD advantage, contrastive TD's next action)."""
     mean, std = actor_dist(nets, actor, batch.observations, cfg)
     a = jnp.tanh(mean)
-    q_of = partial(q_estimate, nets, critic, batch.observations, psi=psi, goal_rewards=batch.goal_rewards, cfg=cfg)
-    q = q_of(a)
-    lmbda = jax.lax.stop_gradient(DDPG_LAMBDAS[cfg.ddpg_lambda](q_of, jax.lax.stop_gradient(a), q, cfg))
+    q, pullback = jax.vjp(lambda x: q_estimate(nets, critic, batch.observations, x, psi, batch.goal_rewards, cfg), a)
+    dq_da = pullback(jnp.ones_like(q))[0]  # row i's Q depends on a_i alone; unused (and compiled away) with lambda q
+    lmbda = jax.lax.stop_gradient(DDPG_LAMBDAS[cfg.ddpg_lambda](q, dq_da, cfg))
     mse = jnp.mean((a - batch.actions) ** 2, axis=-1)
     std_nll = bc_nll(jax.lax.stop_gradient(mean), std, batch.actions)
     loss = jnp.mean(-lmbda * q + mse) + std_nll.mean()
