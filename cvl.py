@@ -153,21 +153,25 @@ class Config(RunConfig):
                                  "offline RL), weights exp(awr_beta * A / std(A)); q: maximise the Q estimate at the "
                                  "policy's reparameterised actions plus a BC term (the paper; see --bc-coef); ddpg: "
                                  "TD3+BC's normalised DDPG+BC, lambda Q(s, pi(s)) - (pi(s) - a)^2 with lambda = "
-                                 "ddpg_alpha / mean|Q|.", choices=("awr", "q", "ddpg"))
+                                 "ddpg_alpha / mean|Q| (see --ddpg-lambda); awr-ddpg: ddpg with each row's BC term "
+                                 "weighted by AWR's weights (divided by their batch mean).",
+                                 choices=("awr", "q", "ddpg", "awr-ddpg"))
     bc_coef: float = _flag(0.05, "With --actor-objective q: weight of the behaviour-cloning term; 1.0 is pure "
                            "behaviour cloning.")
-    awr_beta: float = _flag(0.5, "With --actor-objective awr: inverse temperature on the batch-standardised "
-                            "advantage (0: behaviour cloning).")
-    awr_max_weight: float = _flag(100.0, "With --actor-objective awr: clip the weights exp(beta A) at this value.")
-    awr_advantage: str = _flag("td", "With --actor-objective awr: td: A = (1 - gamma) r + gamma V(s') - V(s) on the "
-                               "data's transition, which needs only the critic's ranking of states; q: A = Q(s, a_data)"
-                               " - V(s), the critic's own action ranking. V(s) = mean Q(s, a~pi).",
+    awr_beta: float = _flag(0.5, "With --actor-objective awr or awr-ddpg: inverse temperature on the "
+                            "batch-standardised advantage (0: behaviour cloning).")
+    awr_max_weight: float = _flag(100.0, "With --actor-objective awr or awr-ddpg: clip the weights exp(beta A) at "
+                                  "this value.")
+    awr_advantage: str = _flag("td", "With --actor-objective awr or awr-ddpg: td: A = (1 - gamma) r + gamma V(s') - "
+                               "V(s) on the data's transition, which needs only the critic's ranking of states; q: A "
+                               "= Q(s, a_data) - V(s), the critic's own action ranking. V(s) = mean Q(s, a~pi).",
                                choices=("td", "q"))
-    ddpg_alpha: float = _flag(2.5, "With --actor-objective ddpg: the Q term's weight relative to the BC term, as "
+    ddpg_alpha: float = _flag(2.5, "With --ddpg-lambda q: the Q term's weight relative to the BC term, as "
                               "TD3+BC's alpha (its 2.5).")
-    ddpg_lambda: str = _flag("q", "With --actor-objective ddpg: how the Q term is scaled. q: lambda = ddpg_alpha / "
-                             "mean|Q| (TD3+BC); grad: lambda = ddpg_push / rms(dQ/da), so the Q term pulls the action "
-                             "equally hard on every dataset however steep the critic is there.", choices=("q", "grad"))
+    ddpg_lambda: str = _flag("q", "With --actor-objective ddpg or awr-ddpg: how the Q term is scaled. q: lambda = "
+                             "ddpg_alpha / mean|Q| (TD3+BC); grad: lambda = ddpg_push / rms(dQ/da), so the Q term "
+                             "pulls the action equally hard on every dataset however steep the critic is there.",
+                             choices=("q", "grad"))
     ddpg_push: float = _flag(0.025, "With --ddpg-lambda grad: lambda times the batch's rms dQ/da (TD3+BC's 2.5 / "
                              "mean|Q| gave 0.026 on halfcheetah-medium-local and 0.07 on a medium/random mix).")
     alpha: float = _flag(0.0, "Entropy coefficient (0: no entropy bonus, as in the paper's offline setting).")
@@ -262,21 +266,22 @@ def make_dir(path: Path, what: str, fix: str = "choose a writable location") -> 
 
 # Flags that act only with one variant: flag -> (the flag that picks the variant, the values it acts with; None:
 # any value above 0). Given with another variant, such a flag is an error, not silently ignored.
+AWR_WEIGHTED = ("awr", "awr-ddpg")  # the actor objectives that weight rows by AWR's weights
 VARIANT_FLAGS = {
     "tau": ("critic_loss", ("td",)), "td_max_weight": ("critic_loss", ("td",)),
     "td_weights": ("critic_loss", ("td",)),
     "action_coef": ("action_negatives", None), "action_sampler": ("action_negatives", None),
     "bc_coef": ("actor_objective", ("q",)), "ddpg_alpha": ("ddpg_lambda", ("q",)),
-    "ddpg_lambda": ("actor_objective", ("ddpg",)), "ddpg_push": ("ddpg_lambda", ("grad",)),
-    "awr_beta": ("actor_objective", ("awr",)), "awr_max_weight": ("actor_objective", ("awr",)),
-    "awr_advantage": ("actor_objective", ("awr",)),
+    "ddpg_lambda": ("actor_objective", ("ddpg", "awr-ddpg")), "ddpg_push": ("ddpg_lambda", ("grad",)),
+    "awr_beta": ("actor_objective", AWR_WEIGHTED), "awr_max_weight": ("actor_objective", AWR_WEIGHTED),
+    "awr_advantage": ("actor_objective", AWR_WEIGHTED),
     "alpha": ("actor_objective", ("awr", "q")), "auto_alpha": ("actor_objective", ("awr", "q")),
 }
 
 
 def idle_switches(cfg, name: str) -> list[tuple[str, tuple | None]]:
     """The switches on the variant flag `name`'s chain that are off under cfg, as (switch, the values it acts with);
-    empty if the flag acts (--ddpg-push needs --ddpg-lambda grad, which needs --actor-objective ddpg)."""
+    empty if the flag acts (--ddpg-push needs --ddpg-lambda grad, which needs --actor-objective ddpg or awr-ddpg)."""
     off = []
     while name in VARIANT_FLAGS:
         switch, acts_with = VARIANT_FLAGS[name]
@@ -337,11 +342,11 @@ def check_config(cfg: Config) -> None:
     if cfg.batch_size < 2:
         raise CVLError(f"--batch-size {cfg.batch_size} leaves the critic no negatives (the other rows' goals); use "
                        f"2 or more (256 or 1024 as the presets)")
-    if cfg.actor_objective == "awr" and cfg.awr_advantage == "td" and cfg.goal_reward == "goal":
+    if cfg.actor_objective in AWR_WEIGHTED and cfg.awr_advantage == "td" and cfg.goal_reward == "goal":
         raise CVLError("--goal-reward goal leaves r_t out of Q, so the TD advantage (1 - gamma) r_t + gamma V(s') - "
                        "V(s) would count it where V does not; use --goal-reward arrival (the default) with it, or "
                        "--awr-advantage q, or another --actor-objective")
-    if cfg.actor_objective == "awr" and cfg.awr_advantage == "td" and cfg.q_estimator != "normalized":
+    if cfg.actor_objective in AWR_WEIGHTED and cfg.awr_advantage == "td" and cfg.q_estimator != "normalized":
         raise CVLError(f"--awr-advantage td adds r to Q, so Q must be in the reward's units, which --q-estimator "
                        f"{cfg.q_estimator} is not; use --q-estimator normalized (the default) or the paper's actor "
                        f"(--actor-objective q)")
@@ -1202,12 +1207,9 @@ def ddpg_lambda_grad(q, dq_da, cfg: Config):
 DDPG_LAMBDAS = {"q": ddpg_lambda_q, "grad": ddpg_lambda_grad}
 
 
-def actor_loss_ddpg(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):
-    """TD3+BC's normalised DDPG+BC (Fujimoto & Gu 2021), which Park et al. (2024) found extracts a policy from a
-    critic far better than AWR: -lambda Q(s, pi(s)) + mean over dims of (pi(s) - a_data)^2 with pi(s) = tanh(mean)
-    and lambda from --ddpg-lambda held fixed (TD3+BC's: ddpg_alpha / mean_batch |Q|). The std is not in that
-    objective; it is fitted by BC alone (the mean held fixed), so the policy's spread stays the data's where a
-    sample of pi is needed (V(s) of the TD advantage, contrastive TD's next action)."""
+def ddpg_bc(actor, critic, psi, nets: Networks, batch: Batch, bc_weights, cfg: Config):
+    """-lambda Q(s, pi(s)) + bc_weights * mean over dims of (pi(s) - a_data)^2 with pi(s) = tanh(mean) and lambda
+    from --ddpg-lambda held fixed; the std fitted by (unweighted) BC with the mean held fixed."""
     mean, std = actor_dist(nets, actor, batch.observations, cfg)
     a = jnp.tanh(mean)
     q, pullback = jax.vjp(lambda x: q_estimate(nets, critic, batch.observations, x, psi, batch.goal_rewards, cfg), a)
@@ -1215,11 +1217,31 @@ def actor_loss_ddpg(actor, critic, psi, nets: Networks, batch: Batch, key, alpha
     lmbda = jax.lax.stop_gradient(DDPG_LAMBDAS[cfg.ddpg_lambda](q, dq_da, cfg))
     mse = jnp.mean((a - batch.actions) ** 2, axis=-1)
     std_nll = bc_nll(jax.lax.stop_gradient(mean), std, batch.actions)
-    loss = jnp.mean(-lmbda * q + mse) + std_nll.mean()
+    loss = jnp.mean(-lmbda * q + bc_weights * mse) + std_nll.mean()
     return loss, dict(actor_loss=loss, q_mean=q.mean(), bc_mse=mse.mean(), bc_nll=std_nll.mean(), lmbda=lmbda)
 
 
-ACTOR_OBJECTIVES = {"q": actor_loss_q, "awr": actor_loss_awr, "ddpg": actor_loss_ddpg}
+def actor_loss_ddpg(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):
+    """TD3+BC's normalised DDPG+BC (Fujimoto & Gu 2021), which Park et al. (2024) found extracts a policy from a
+    critic far better than AWR: -lambda Q(s, pi(s)) + mean over dims of (pi(s) - a_data)^2 with pi(s) = tanh(mean)
+    and lambda from --ddpg-lambda held fixed (TD3+BC's: ddpg_alpha / mean_batch |Q|). The std is not in that
+    objective; it is fitted by BC alone (the mean held fixed), so the policy's spread stays the data's where a
+    sample of pi is needed (V(s) of the TD advantage, contrastive TD's next action)."""
+    return ddpg_bc(actor, critic, psi, nets, batch, 1.0, cfg)
+
+
+def actor_loss_awr_ddpg(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):
+    """DDPG+BC whose BC term is weighted row by row with AWR's weights (--awr-advantage, --awr-beta), divided by
+    their batch mean so the BC term keeps DDPG+BC's scale against lambda Q. On data that mixes a good and a bad
+    policy, plain BC pulls the deterministic pi(s) to the mean of both; the weights pull it to the better one (as
+    AWR does) and leave the Q term to push beyond it."""
+    adv, _ = awr_advantage(nets, critic, actor, psi, batch, jax.random.fold_in(key, 1), cfg)
+    w, ess = awr_weights(adv, cfg)
+    loss, metrics = ddpg_bc(actor, critic, psi, nets, batch, w / w.mean(), cfg)
+    return loss, dict(metrics, awr_weight_max=w.max() / w.mean(), awr_adv_std=adv.std(), awr_ess=ess)
+
+
+ACTOR_OBJECTIVES = {"q": actor_loss_q, "awr": actor_loss_awr, "ddpg": actor_loss_ddpg, "awr-ddpg": actor_loss_awr_ddpg}
 
 
 # ======================================================================================================= update

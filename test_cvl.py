@@ -801,7 +801,7 @@ def train_against_frozen_critic(batch, psi, phi, **flags):
 
 @pytest.mark.parametrize("objective, flags", [
     ("awr", dict(awr_beta=2.0, awr_advantage="q")), ("q", dict(bc_coef=0.5)), ("ddpg", dict()),
-    ("ddpg", dict(ddpg_lambda="grad", ddpg_push=1.0)),
+    ("ddpg", dict(ddpg_lambda="grad", ddpg_push=1.0)), ("awr-ddpg", dict(awr_advantage="q")),
     ("q", dict(bc_coef=0.5, q_estimator="marginal")), ("q", dict(bc_coef=0.5, q_estimator="diag"))])
 def test_actor_moves_towards_what_a_frozen_critic_prefers(objective, flags):
     """Each actor objective, trained alone against the frozen critic, moves the policy's first action up, while
@@ -815,7 +815,8 @@ def test_actor_moves_towards_what_a_frozen_critic_prefers(objective, flags):
         return cfg, nets, actor, cvl.eval_action(nets, actor, batch.observations)
 
     if objective not in BC_CHECKED:  # behaviour cloning is the same whatever the estimator: check it once
-        bc = dict(awr=dict(awr_beta=0.0), q=dict(bc_coef=1.0), ddpg=dict(ddpg_alpha=1e-6))[objective]
+        bc = dict(awr=dict(awr_beta=0.0), q=dict(bc_coef=1.0), ddpg=dict(ddpg_alpha=1e-6),
+                  **{"awr-ddpg": dict(ddpg_alpha=1e-6, awr_beta=0.0)})[objective]
         bc_action = train_actor(**bc)[-1]
         assert abs(np.asarray(bc_action)[:, 0].mean()) < 0.15
         BC_CHECKED.add(objective)
@@ -823,7 +824,7 @@ def test_actor_moves_towards_what_a_frozen_critic_prefers(objective, flags):
     assert np.asarray(action)[:, 0].mean() > 0.3
     _, metrics = cvl.ACTOR_OBJECTIVES[objective](actor, FROZEN_CRITIC, psi, nets, batch, jax.random.key(0), 0.1, cfg)
     mean, std = cvl.actor_dist(nets, actor, batch.observations, cfg)
-    if objective == "ddpg":  # the deterministic policy's Q
+    if objective in ("ddpg", "awr-ddpg"):  # the deterministic policy's Q
         q = cvl.q_estimate(nets, FROZEN_CRITIC, batch.observations, jnp.tanh(mean), psi, batch.goal_rewards, cfg)
         assert float(metrics["q_mean"]) == pytest.approx(float(q.mean()), rel=1e-5)
         return
@@ -863,6 +864,49 @@ def test_ddpg_actor_loss_against_a_hand_computation():
     lmbda = 0.3 / np.sqrt(np.mean(g0 ** 2) / 2)
     assert float(metrics["lmbda"]) == pytest.approx(lmbda, rel=1e-3)
     assert float(loss) == pytest.approx(np.mean(-lmbda * q + mse) + nll.mean(), rel=1e-3)
+
+
+def test_awr_ddpg_weights_the_bc_term_by_awr_weights():
+    """awr-ddpg is DDPG+BC with row i's squared error weighted by w_i / mean(w), w = AWR's weights (here with
+    --ddpg-lambda grad); so on data where half the rows at each state took a good action and half a bad one, with
+    the Q term nearly off, its policy goes to the good action where DDPG+BC's BC term pulls it to their mean."""
+    batch, psi, phi = frozen_critic_problem(64, data_actions=True)
+    cfg = cvl.make_config("cpu", hidden=(16,), actor_objective="awr-ddpg", ddpg_lambda="grad", ddpg_push=0.3,
+                          awr_beta=1.5, awr_advantage="q")
+    nets = cvl.make_networks(cfg, 2)._replace(phi=phi)
+    actor = nets.actor.init(jax.random.key(1), batch.observations)
+    key = jax.random.key(0)
+    loss, metrics = cvl.actor_loss_awr_ddpg(actor, FROZEN_CRITIC, psi, nets, batch, key, 0.0, cfg)
+    adv, _ = cvl.awr_advantage(nets, FROZEN_CRITIC, actor, psi, batch, jax.random.fold_in(key, 1), cfg)
+    adv = np.asarray(adv, np.float64)
+    w = np.minimum(np.exp(1.5 * adv / adv.std()), 100.0)
+    mean, std = (np.asarray(x, np.float64) for x in cvl.actor_dist(nets, actor, batch.observations, cfg))
+    a, r = np.tanh(mean), np.asarray(batch.goal_rewards, np.float64)
+    f = 4 * a[:, :1] * r[None, :]  # the frozen critic at the policy's actions, each row's own goal left out
+    np.fill_diagonal(f, -np.inf)
+    p = np.exp(f - f.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    q, g0 = p @ r, 4 * (p @ r ** 2 - (p @ r) ** 2)  # Q and dQ/da_0 (dQ/da_1 = 0)
+    lmbda = 0.3 / np.sqrt(np.mean(g0 ** 2) / 2)
+    mse = ((a - np.asarray(batch.actions)) ** 2).mean(1)
+    nll = np.asarray(cvl.bc_nll(jnp.asarray(mean), jnp.asarray(std), batch.actions))
+    assert float(loss) == pytest.approx(np.mean(-lmbda * q + w / w.mean() * mse) + nll.mean(), rel=1e-3)
+    assert float(metrics["awr_ess"]) == pytest.approx(w.sum() ** 2 / (64 * (w ** 2).sum()), rel=1e-4)
+
+    two = frozen_critic_problem(128, data_actions=False)[0]  # every state twice: first action +0.8, then -0.8
+    s = jnp.concatenate([two.observations[:64]] * 2)
+    a = jnp.concatenate([jnp.full((64, 2), 0.8), jnp.full((64, 2), -0.8)]).at[:, 1].set(0.0)
+    r = jnp.concatenate([two.goal_rewards[:64]] * 2)
+    batch = two._replace(observations=s, actions=a, next_observations=s, goals=s, goal_rewards=r, rewards=r)
+    psi = jnp.stack([r, jnp.zeros_like(r)], axis=1)
+    first = {}
+    for name in ("ddpg", "awr-ddpg"):
+        _, nets, actor = train_against_frozen_critic(batch, psi, phi, hidden=(32, 32), actor_objective=name,
+                                                     ddpg_alpha=1e-3, **(dict(awr_beta=2.0, awr_advantage="q")
+                                                                         if name == "awr-ddpg" else {}))
+        first[name] = float(np.asarray(cvl.eval_action(nets, actor, s))[:, 0].mean())
+    assert abs(first["ddpg"]) < 0.15
+    assert first["awr-ddpg"] > 0.6
 
 
 def test_awr_advantages_against_a_hand_computation():
@@ -1374,7 +1418,9 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     (dict(actor_objective="ddpg", ddpg_lambda="grad", ddpg_alpha=1.0), "--ddpg-alpha 1.0 does nothing with "
                                                                        "--ddpg-lambda grad: add --ddpg-lambda q"),
     (dict(ddpg_push=0.1), "--ddpg-push 0.1 does nothing with --ddpg-lambda q --actor-objective awr: add --ddpg-lambda "
-                          "grad and --actor-objective ddpg, or drop"),
+                          "grad and --actor-objective ddpg or awr-ddpg, or drop"),
+    (dict(actor_objective="ddpg", awr_beta=1.0), "--awr-beta 1.0 does nothing with --actor-objective ddpg: add "
+                                                 "--actor-objective awr or awr-ddpg, or drop"),
     (dict(actor_objective="ddpg", ddpg_lambda="grad", ddpg_push=0), "--ddpg-push must be positive"),
     (dict(batch_size=1), "--batch-size 1 leaves the critic no negatives"),
     (dict(goal_reward="goal", actor_objective="awr"), "--goal-reward goal leaves r_t out of Q"),
