@@ -104,7 +104,8 @@ class Config(RunConfig):
     feed raw states: --no-normalize-states), and the policy step is AWR on the one-step TD advantage (the paper's
     actor, raw Q plus 0.05 BC, collapsed on hopper: --actor-objective q). TD3+BC's DDPG+BC step (--actor-objective
     ddpg) scores higher on halfcheetah-medium-local but collapsed on a medium/random mix, where AWR held; scaled by
-    the action gradient (--ddpg-lambda grad) it holds on the mix but trails AWR on hopper."""
+    the action gradient (--ddpg-lambda grad) it holds on the mix but trails AWR on hopper; with BC weighted by AWR
+    (--actor-objective awr-ddpg --ddpg-lambda grad) it is near AWR on hopper but sags on the mix."""
 
     # --- algorithm
     repr_dim: int = _flag(16, "Size of the representations phi(s, a) and psi(g).")
