@@ -268,12 +268,13 @@ def make_dir(path: Path, what: str, fix: str = "choose a writable location") -> 
 # Flags that act only with one variant: flag -> (the flag that picks the variant, the values it acts with; None:
 # any value above 0). Given with another variant, such a flag is an error, not silently ignored.
 AWR_WEIGHTED = ("awr", "awr-ddpg")  # the actor objectives that weight rows by AWR's weights
+DDPG_STEPS = ("ddpg", "awr-ddpg")  # the actor objectives that push a deterministic pi(s) up lambda Q (ddpg_bc)
 VARIANT_FLAGS = {
     "tau": ("critic_loss", ("td",)), "td_max_weight": ("critic_loss", ("td",)),
     "td_weights": ("critic_loss", ("td",)),
     "action_coef": ("action_negatives", None), "action_sampler": ("action_negatives", None),
     "bc_coef": ("actor_objective", ("q",)), "ddpg_alpha": ("ddpg_lambda", ("q",)),
-    "ddpg_lambda": ("actor_objective", ("ddpg", "awr-ddpg")), "ddpg_push": ("ddpg_lambda", ("grad",)),
+    "ddpg_lambda": ("actor_objective", DDPG_STEPS), "ddpg_push": ("ddpg_lambda", ("grad",)),
     "awr_beta": ("actor_objective", AWR_WEIGHTED), "awr_max_weight": ("actor_objective", AWR_WEIGHTED),
     "awr_advantage": ("actor_objective", AWR_WEIGHTED),
     "alpha": ("actor_objective", ("awr", "q")), "auto_alpha": ("actor_objective", ("awr", "q")),

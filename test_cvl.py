@@ -824,7 +824,7 @@ def test_actor_moves_towards_what_a_frozen_critic_prefers(objective, flags):
     assert np.asarray(action)[:, 0].mean() > 0.3
     _, metrics = cvl.ACTOR_OBJECTIVES[objective](actor, FROZEN_CRITIC, psi, nets, batch, jax.random.key(0), 0.1, cfg)
     mean, std = cvl.actor_dist(nets, actor, batch.observations, cfg)
-    if objective in ("ddpg", "awr-ddpg"):  # the deterministic policy's Q
+    if objective in cvl.DDPG_STEPS:  # the deterministic policy's Q
         q = cvl.q_estimate(nets, FROZEN_CRITIC, batch.observations, jnp.tanh(mean), psi, batch.goal_rewards, cfg)
         assert float(metrics["q_mean"]) == pytest.approx(float(q.mean()), rel=1e-5)
         return
