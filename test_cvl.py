@@ -892,6 +892,7 @@ def test_awr_ddpg_weights_the_bc_term_by_awr_weights():
     nll = np.asarray(cvl.bc_nll(jnp.asarray(mean), jnp.asarray(std), batch.actions))
     assert float(loss) == pytest.approx(np.mean(-lmbda * q + w / w.mean() * mse) + nll.mean(), rel=1e-3)
     assert float(metrics["awr_ess"]) == pytest.approx(w.sum() ** 2 / (64 * (w ** 2).sum()), rel=1e-4)
+    assert float(metrics["bc_weight_max"]) == pytest.approx(w.max() / w.mean(), rel=1e-4)  # the largest BC factor
 
     two = frozen_critic_problem(128, data_actions=False)[0]  # every state twice: first action +0.8, then -0.8
     s = jnp.concatenate([two.observations[:64]] * 2)
