@@ -55,6 +55,8 @@ METHODS = [
      "cvl-ddpg-grad", CVL, ["--actor-objective", "ddpg", "--ddpg-lambda", "grad"], 3),
     ("CVL, DDPG+BC scaled by the action gradient, BC term weighted by AWR (--actor-objective awr-ddpg --ddpg-lambda "
      "grad)", "cvl-awr-ddpg-grad", CVL, ["--actor-objective", "awr-ddpg", "--ddpg-lambda", "grad"], 3),
+    ("CVL, the same with LayerNorm in phi and psi (--actor-objective awr-ddpg --ddpg-lambda grad --layer-norm)",
+     "cvl-awr-ddpg-grad-ln", CVL, ["--actor-objective", "awr-ddpg", "--ddpg-lambda", "grad", "--layer-norm"], 3),
     ("CVL, AWR on the critic's own advantage Q(s, a) - V(s) (--awr-advantage q)", "cvl-awrq", CVL,
      ["--awr-advantage", "q"], 3),
     ("CVL, DDPG+BC on the minimum of 2 critics (--critics 2 --actor-objective ddpg)", "cvl-ddpg-c2", CVL,
