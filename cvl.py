@@ -1240,8 +1240,9 @@ def actor_loss_awr_ddpg(actor, critic, psi, nets: Networks, batch: Batch, key, a
     AWR does) and leave the Q term to push beyond it."""
     adv, _ = awr_advantage(nets, critic, actor, psi, batch, jax.random.fold_in(key, 1), cfg)
     w, ess = awr_weights(adv, cfg)
-    loss, metrics = ddpg_bc(actor, critic, psi, nets, batch, w / w.mean(), cfg)
-    return loss, dict(metrics, bc_weight_max=w.max() / w.mean(), awr_adv_std=adv.std(), awr_ess=ess)  # the BC factor
+    bc_weights = w / w.mean()
+    loss, metrics = ddpg_bc(actor, critic, psi, nets, batch, bc_weights, cfg)
+    return loss, dict(metrics, bc_weight_max=bc_weights.max(), awr_adv_std=adv.std(), awr_ess=ess)
 
 
 ACTOR_OBJECTIVES = {"q": actor_loss_q, "awr": actor_loss_awr, "ddpg": actor_loss_ddpg, "awr-ddpg": actor_loss_awr_ddpg}
