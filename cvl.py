@@ -156,8 +156,9 @@ class Config(RunConfig):
                                  "policy's reparameterised actions plus a BC term (the paper; see --bc-coef); ddpg: "
                                  "TD3+BC's normalised DDPG+BC, lambda Q(s, pi(s)) - (pi(s) - a)^2 with lambda = "
                                  "ddpg_alpha / mean|Q| (see --ddpg-lambda); awr-ddpg: ddpg with each row's BC term "
-                                 "weighted by AWR's weights (divided by their batch mean).",
-                                 choices=("awr", "q", "ddpg", "awr-ddpg"))
+                                 "weighted by AWR's weights (divided by their batch mean); awr-push: awr plus a push "
+                                 "of the policy's mean up the critic's action gradient (see --awr-push).",
+                                 choices=("awr", "q", "ddpg", "awr-ddpg", "awr-push"))
     bc_coef: float = _flag(0.05, "With --actor-objective q: weight of the behaviour-cloning term; 1.0 is pure "
                            "behaviour cloning.")
     awr_beta: float = _flag(0.5, "With --actor-objective awr or awr-ddpg: inverse temperature on the "
@@ -168,6 +169,9 @@ class Config(RunConfig):
                                "V(s) on the data's transition, which needs only the critic's ranking of states; q: A "
                                "= Q(s, a_data) - V(s), the critic's own action ranking. V(s) = mean Q(s, a~pi).",
                                choices=("td", "q"))
+    awr_push: float = _flag(0.5, "With --actor-objective awr-push: how far the Q term moves the policy's mean up "
+                            "dQ/da, in the policy's own stds (lambda = awr_push mean(w) / rms(std_a dQ/da)); in (0, "
+                            "1), since the fitted std widens to cover the offset, by 1 / sqrt(1 - awr_push^2).")
     ddpg_alpha: float = _flag(2.5, "With --ddpg-lambda q: the Q term's weight relative to the BC term, as "
                               "TD3+BC's alpha (its 2.5).")
     ddpg_lambda: str = _flag("q", "With --actor-objective ddpg or awr-ddpg: how the Q term is scaled. q: lambda = "
@@ -268,7 +272,7 @@ def make_dir(path: Path, what: str, fix: str = "choose a writable location") -> 
 
 # Flags that act only with one variant: flag -> (the flag that picks the variant, the values it acts with; None:
 # any value above 0). Given with another variant, such a flag is an error, not silently ignored.
-AWR_WEIGHTED = ("awr", "awr-ddpg")  # the actor objectives that weight rows by AWR's weights
+AWR_WEIGHTED = ("awr", "awr-ddpg", "awr-push")  # the actor objectives that weight rows by AWR's weights
 DDPG_STEPS = ("ddpg", "awr-ddpg")  # the actor objectives that push a deterministic pi(s) up lambda Q (ddpg_bc)
 VARIANT_FLAGS = {
     "tau": ("critic_loss", ("td",)), "td_max_weight": ("critic_loss", ("td",)),
@@ -278,7 +282,8 @@ VARIANT_FLAGS = {
     "ddpg_lambda": ("actor_objective", DDPG_STEPS), "ddpg_push": ("ddpg_lambda", ("grad",)),
     "awr_beta": ("actor_objective", AWR_WEIGHTED), "awr_max_weight": ("actor_objective", AWR_WEIGHTED),
     "awr_advantage": ("actor_objective", AWR_WEIGHTED),
-    "alpha": ("actor_objective", ("awr", "q")), "auto_alpha": ("actor_objective", ("awr", "q")),
+    "awr_push": ("actor_objective", ("awr-push",)),
+    "alpha": ("actor_objective", ("awr", "awr-push", "q")), "auto_alpha": ("actor_objective", ("awr", "awr-push", "q")),
 }
 
 
@@ -324,9 +329,9 @@ def check_config(cfg: Config) -> None:
     """Range-check every flag, on every path (train, --resume, --evaluate, --inspect); one line per problem."""
     check_run_flags(cfg)
     check_ranges(cfg, positive=("repr_dim", "critics", "adam_eps", "actor_min_std", "awr_max_weight", "td_max_weight",
-                                "ddpg_alpha", "ddpg_push"),
+                                "ddpg_alpha", "ddpg_push", "awr_push"),
                  at_least_0=("devices", "alpha", "awr_beta", "video_steps", "num_processes", "action_negatives",
-                             "action_coef"), below_1=("gamma",), up_to_1=("tau",))
+                             "action_coef"), below_1=("gamma", "awr_push"), up_to_1=("tau",))
     if cfg.process_id < -1:
         raise CVLError(f"--process-id must be >= 0 (or -1: from the cluster), got {cfg.process_id}")
     if not cfg.actor_max_std > cfg.actor_min_std:
@@ -1189,7 +1194,7 @@ def actor_loss_awr(actor, critic, psi, nets: Networks, batch: Batch, key, alpha,
     bc = bc_nll(mean, std, batch.actions)
     loss = jnp.mean(w * bc + alpha * log_prob)
     return loss, dict(actor_loss=loss, q_mean=v.mean(), bc_nll=bc.mean(), entropy=-log_prob.mean(),
-                      awr_weight_max=w.max(), awr_adv_std=adv.std(), awr_ess=ess)
+                      awr_weight_max=w.max(), awr_weight_mean=w.mean(), awr_adv_std=adv.std(), awr_ess=ess)
 
 
 # DDPG+BC's lambda (--ddpg-lambda), held fixed: each gets the batch's Q at the policy's actions and its gradient in
@@ -1245,7 +1250,27 @@ def actor_loss_awr_ddpg(actor, critic, psi, nets: Networks, batch: Batch, key, a
     return loss, dict(metrics, bc_weight_max=bc_weights.max(), awr_adv_std=adv.std(), awr_ess=ess)
 
 
-ACTOR_OBJECTIVES = {"q": actor_loss_q, "awr": actor_loss_awr, "ddpg": actor_loss_ddpg, "awr-ddpg": actor_loss_awr_ddpg}
+def actor_loss_awr_push(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):
+    """AWR (the default's loss, as is) plus a push up the critic: - lambda Q(s, tanh(mean)), with lambda = awr_push
+    mean(w) / rms(std_a dQ/da) held fixed, std_a = std (1 - tanh(mean)^2) the policy's std in action units. The
+    weighted likelihood pulls the mean back by w (mean - u) / std^2, so at the balance the push has moved the mean
+    about awr_push of its own std along dQ/da: a step measured by the data's spread at that state, not by the
+    critic's scale or the action space's size (awr-ddpg's squared-error BC ignores that spread; its deterministic
+    fit falls well under AWR's on a medium/random mix, docs/experiments.md). The likelihood then widens the std to
+    cover the offset, std^2 = std_0^2 + (awr_push std)^2, hence awr_push < 1."""
+    awr_loss, metrics = actor_loss_awr(actor, critic, psi, nets, batch, key, alpha, cfg)
+    mean, std = actor_dist(nets, actor, batch.observations, cfg)
+    a = jnp.tanh(mean)
+    q, pullback = jax.vjp(lambda x: q_estimate(nets, critic, batch.observations, x, psi, batch.goal_rewards, cfg), a)
+    std_a = std * (1 - a ** 2)
+    step = jnp.sqrt(jnp.mean((std_a * pullback(jnp.ones_like(q))[0]) ** 2))
+    lmbda = jax.lax.stop_gradient(cfg.awr_push * metrics["awr_weight_mean"] / (step + 1e-8))
+    loss = awr_loss - lmbda * q.mean()
+    return loss, dict(metrics, actor_loss=loss, q_pi=q.mean(), lmbda=lmbda)
+
+
+ACTOR_OBJECTIVES = {"q": actor_loss_q, "awr": actor_loss_awr, "ddpg": actor_loss_ddpg, "awr-ddpg": actor_loss_awr_ddpg,
+                    "awr-push": actor_loss_awr_push}
 
 
 # ======================================================================================================= update

@@ -802,6 +802,7 @@ def train_against_frozen_critic(batch, psi, phi, **flags):
 @pytest.mark.parametrize("objective, flags", [
     ("awr", dict(awr_beta=2.0, awr_advantage="q")), ("q", dict(bc_coef=0.5)), ("ddpg", dict()),
     ("ddpg", dict(ddpg_lambda="grad", ddpg_push=1.0)), ("awr-ddpg", dict(awr_advantage="q")),
+    ("awr-push", dict(awr_beta=0.0, awr_push=0.5)),
     ("q", dict(bc_coef=0.5, q_estimator="marginal")), ("q", dict(bc_coef=0.5, q_estimator="diag"))])
 def test_actor_moves_towards_what_a_frozen_critic_prefers(objective, flags):
     """Each actor objective, trained alone against the frozen critic, moves the policy's first action up, while
@@ -816,7 +817,8 @@ def test_actor_moves_towards_what_a_frozen_critic_prefers(objective, flags):
 
     if objective not in BC_CHECKED:  # behaviour cloning is the same whatever the estimator: check it once
         bc = dict(awr=dict(awr_beta=0.0), q=dict(bc_coef=1.0), ddpg=dict(ddpg_alpha=1e-6),
-                  **{"awr-ddpg": dict(ddpg_alpha=1e-6, awr_beta=0.0)})[objective]
+                  **{"awr-ddpg": dict(ddpg_alpha=1e-6, awr_beta=0.0), "awr-push": dict(awr_beta=0.0, awr_push=1e-6)}
+                  )[objective]
         bc_action = train_actor(**bc)[-1]
         assert abs(np.asarray(bc_action)[:, 0].mean()) < 0.15
         BC_CHECKED.add(objective)
@@ -908,6 +910,62 @@ def test_awr_ddpg_weights_the_bc_term_by_awr_weights():
         first[name] = float(np.asarray(cvl.eval_action(nets, actor, s))[:, 0].mean())
     assert abs(first["ddpg"]) < 0.15
     assert first["awr-ddpg"] > 0.6
+
+
+def test_awr_push_adds_a_q_step_scaled_by_the_policys_std():
+    """awr-push is AWR's loss minus lambda mean Q(s, tanh(mean)), lambda = awr_push mean(w) / rms(std_a dQ/da) held
+    fixed (std_a = std (1 - tanh(mean)^2)): its value and its gradient against a hand computation."""
+    batch, psi, phi = frozen_critic_problem(64, data_actions=True)
+    cfg = cvl.make_config("cpu", hidden=(16,), actor_objective="awr-push", awr_push=0.7, awr_beta=1.5,
+                          awr_advantage="q")
+    nets = cvl.make_networks(cfg, 2)._replace(phi=phi)
+    actor = nets.actor.init(jax.random.key(1), batch.observations)
+    key = jax.random.key(0)
+    loss, metrics = cvl.actor_loss_awr_push(actor, FROZEN_CRITIC, psi, nets, batch, key, 0.1, cfg)
+    awr_loss, awr_metrics = cvl.actor_loss_awr(actor, FROZEN_CRITIC, psi, nets, batch, key, 0.1, cfg)
+    adv, _ = cvl.awr_advantage(nets, FROZEN_CRITIC, actor, psi, batch, jax.random.fold_in(key, 1), cfg)
+    adv = np.asarray(adv, np.float64)
+    w = np.minimum(np.exp(1.5 * adv / adv.std()), 100.0)
+    mean, std = (np.asarray(x, np.float64) for x in cvl.actor_dist(nets, actor, batch.observations, cfg))
+    a, r = np.tanh(mean), np.asarray(batch.goal_rewards, np.float64)
+    f = 4 * a[:, :1] * r[None, :]  # the frozen critic at the policy's deterministic actions, own goals left out
+    np.fill_diagonal(f, -np.inf)
+    p = np.exp(f - f.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    q, g0 = p @ r, 4 * (p @ r ** 2 - (p @ r) ** 2)  # Q and dQ/da_0 (dQ/da_1 = 0)
+    std_a0 = std[:, 0] * (1 - a[:, 0] ** 2)
+    lmbda = 0.7 * w.mean() / np.sqrt(np.mean((std_a0 * g0) ** 2) / 2)
+    assert float(metrics["lmbda"]) == pytest.approx(lmbda, rel=1e-3)
+    assert float(awr_metrics["awr_weight_mean"]) == pytest.approx(w.mean(), rel=1e-4)
+    assert float(loss) == pytest.approx(float(awr_loss) - lmbda * q.mean(), rel=1e-3, abs=1e-4)
+
+    def q_of(params):  # mean Q at the deterministic action, as a function of the actor's parameters
+        m, _ = cvl.actor_dist(nets, params, batch.observations, cfg)
+        return cvl.q_estimate(nets, FROZEN_CRITIC, batch.observations, jnp.tanh(m), psi, batch.goal_rewards,
+                              cfg).mean()
+
+    grad = jax.grad(lambda p: cvl.actor_loss_awr_push(p, FROZEN_CRITIC, psi, nets, batch, key, 0.1, cfg)[0])(actor)
+    awr_grad = jax.grad(lambda p: cvl.actor_loss_awr(p, FROZEN_CRITIC, psi, nets, batch, key, 0.1, cfg)[0])(actor)
+    expected = jax.tree.map(lambda g, h: g - lmbda * h, awr_grad, jax.grad(q_of)(actor))  # lambda: no gradient
+    for got, want in zip(jax.tree.leaves(grad), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-3, atol=1e-5)
+
+
+def test_awr_push_moves_the_mean_by_a_share_of_the_datas_spread():
+    """With AWR's weights off (beta 0), the push moves the policy's mean (before tanh) up dQ/da by about awr_push of
+    the std that behaviour cloning fits to the data's spread, on narrow data and on data 8x wider alike (a fixed
+    push, as DDPG+BC's --ddpg-push, moves it the same amount on both; one not scaled by the std, by std^2)."""
+    batch, psi, phi = frozen_critic_problem(256, data_actions=False)
+    noise = np.random.default_rng(1).normal(size=(256, 2)).astype(np.float32)
+    for spread in (0.05, 0.4):
+        data = batch._replace(actions=jnp.asarray(spread * noise))
+        fits = []
+        for push in (1e-6, 0.5):
+            cfg, nets, actor = train_against_frozen_critic(data, psi, phi, hidden=(32, 32), actor_objective="awr-push",
+                                                           awr_beta=0.0, awr_push=push)
+            fits.append([float(x[:, 0].mean()) for x in cvl.actor_dist(nets, actor, data.observations, cfg)])
+        (bc_mean, bc_std), (pushed_mean, _) = fits
+        assert 0.25 < (pushed_mean - bc_mean) / bc_std < 1.0, (spread, fits)
 
 
 def test_awr_advantages_against_a_hand_computation():
@@ -1400,13 +1458,15 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
                                                "--actor-objective q, or drop"),
     (dict(bc_coef=1.0, actor_objective="ddpg"), "--bc-coef 1.0 does nothing with --actor-objective ddpg"),
     (dict(actor_objective="ddpg", alpha=0.1), "--alpha 0.1 does nothing with --actor-objective ddpg: add "
-                                              "--actor-objective awr or q"),
+                                              "--actor-objective awr or awr-push or q"),
     (dict(actor_objective="ddpg", ddpg_alpha=0), "--ddpg-alpha must be positive"),
     (dict(ddpg_alpha=1.0, actor_objective="awr"), "--ddpg-alpha 1.0 does nothing with --actor-objective awr: add "
                                                   "--actor-objective ddpg"),
     (dict(awr_beta=2.0, actor_objective="q"), "--awr-beta 2.0 does nothing with --actor-objective q"),
     (dict(awr_beta=2.0, actor_objective="ddpg"), "--awr-beta 2.0 does nothing with --actor-objective ddpg: add "
                                                  "--actor-objective awr"),
+    (dict(actor_objective="awr-push", awr_push=1.0), "--awr-push must be in (0, 1)"),
+    (dict(awr_push=0.3), "--awr-push 0.3 does nothing with --actor-objective awr: add --actor-objective awr-push"),
     (dict(tau=0.01), "--tau 0.01 does nothing with --critic-loss nce: add --critic-loss td"),
     (dict(td_max_weight=5), "--td-max-weight 5.0 does nothing with --critic-loss nce"),
     (dict(td_weights="normalized"), "--td-weights normalized does nothing with --critic-loss nce: add --critic-loss "
@@ -1421,7 +1481,7 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     (dict(ddpg_push=0.1), "--ddpg-push 0.1 does nothing with --ddpg-lambda q --actor-objective awr: add --ddpg-lambda "
                           "grad and --actor-objective ddpg or awr-ddpg, or drop"),
     (dict(actor_objective="ddpg", awr_beta=1.0), "--awr-beta 1.0 does nothing with --actor-objective ddpg: add "
-                                                 "--actor-objective awr or awr-ddpg, or drop"),
+                                                 "--actor-objective awr or awr-ddpg or awr-push, or drop"),
     (dict(actor_objective="ddpg", ddpg_lambda="grad", ddpg_push=0), "--ddpg-push must be positive"),
     (dict(batch_size=1), "--batch-size 1 leaves the critic no negatives"),
     (dict(goal_reward="goal", actor_objective="awr"), "--goal-reward goal leaves r_t out of Q"),

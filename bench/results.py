@@ -57,6 +57,8 @@ METHODS = [
      "grad)", "cvl-awr-ddpg-grad", CVL, ["--actor-objective", "awr-ddpg", "--ddpg-lambda", "grad"], 3),
     ("CVL, the same with LayerNorm in phi and psi (--actor-objective awr-ddpg --ddpg-lambda grad --layer-norm)",
      "cvl-awr-ddpg-grad-ln", CVL, ["--actor-objective", "awr-ddpg", "--ddpg-lambda", "grad", "--layer-norm"], 3),
+    ("CVL, AWR plus a push of the mean up dQ/da, half the policy's std (--actor-objective awr-push)", "cvl-awr-push",
+     CVL, ["--actor-objective", "awr-push"], 3),
     ("CVL, AWR on the critic's own advantage Q(s, a) - V(s) (--awr-advantage q)", "cvl-awrq", CVL,
      ["--awr-advantage", "q"], 3),
     ("CVL, DDPG+BC on the minimum of 2 critics (--critics 2 --actor-objective ddpg)", "cvl-ddpg-c2", CVL,
