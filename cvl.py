@@ -169,9 +169,8 @@ class Config(RunConfig):
                                "V(s) on the data's transition, which needs only the critic's ranking of states; q: A "
                                "= Q(s, a_data) - V(s), the critic's own action ranking. V(s) = mean Q(s, a~pi).",
                                choices=("td", "q"))
-    awr_push: float = _flag(0.5, "With --actor-objective awr-push: how far the Q term moves the policy's mean up "
-                            "dQ/da, in the policy's own stds (lambda = awr_push mean(w) / rms(std_a dQ/da)); in (0, "
-                            "1), since the fitted std widens to cover the offset, by 1 / sqrt(1 - awr_push^2).")
+    awr_push: float = _flag(0.05, "With --actor-objective awr-push: how far the push moves the policy's mean (before "
+                            "tanh) up dQ/dmean, rms over the batch, against the weighted likelihood's pull.")
     ddpg_alpha: float = _flag(2.5, "With --ddpg-lambda q: the Q term's weight relative to the BC term, as "
                               "TD3+BC's alpha (its 2.5).")
     ddpg_lambda: str = _flag("q", "With --actor-objective ddpg or awr-ddpg: how the Q term is scaled. q: lambda = "
@@ -331,7 +330,7 @@ def check_config(cfg: Config) -> None:
     check_ranges(cfg, positive=("repr_dim", "critics", "adam_eps", "actor_min_std", "awr_max_weight", "td_max_weight",
                                 "ddpg_alpha", "ddpg_push", "awr_push"),
                  at_least_0=("devices", "alpha", "awr_beta", "video_steps", "num_processes", "action_negatives",
-                             "action_coef"), below_1=("gamma", "awr_push"), up_to_1=("tau",))
+                             "action_coef"), below_1=("gamma",), up_to_1=("tau",))
     if cfg.process_id < -1:
         raise CVLError(f"--process-id must be >= 0 (or -1: from the cluster), got {cfg.process_id}")
     if not cfg.actor_max_std > cfg.actor_min_std:
@@ -1251,22 +1250,23 @@ def actor_loss_awr_ddpg(actor, critic, psi, nets: Networks, batch: Batch, key, a
 
 
 def actor_loss_awr_push(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):
-    """AWR (the default's loss, as is) plus a push up the critic: - lambda Q(s, tanh(mean)), with lambda = awr_push
-    mean(w) / rms(std_a dQ/da) held fixed, std_a = std (1 - tanh(mean)^2) the policy's std in action units. The
-    weighted likelihood pulls the mean back by w (mean - u) / std^2, so at the balance the push has moved the mean
-    about awr_push of its own std along dQ/da: a step measured by the data's spread at that state, not by the
-    critic's scale or the action space's size (awr-ddpg's squared-error BC ignores that spread; its deterministic
-    fit falls well under AWR's on a medium/random mix, docs/experiments.md). The likelihood then widens the std to
-    cover the offset, std^2 = std_0^2 + (awr_push std)^2, hence awr_push < 1."""
+    """AWR (the default's loss, as is) plus a push of the policy's mean (before tanh) up the critic: row i's mean
+    gets the extra gradient -step_i / std_i^2, step = awr_push mean(w) dQ/dmean / rms(dQ/dmean) held fixed. The
+    weighted likelihood pulls the mean back by w_i (mean_i - u_i) / std_i^2, so at the balance the mean sits at the
+    data's weighted mean plus step_i / w_i: the same offset, about awr_push, at every state, as DDPG+BC's push gives
+    a deterministic policy, while the likelihood keeps fitting narrow states hardest (a squared-error BC term, as in
+    awr-ddpg, weighs a noisy state's rows as much and falls well under AWR on a medium/random mix; a push scaled by
+    the std moves noisy states far more; docs/experiments.md). The logged actor_loss is AWR's; the push has no
+    value of its own, only that gradient (a linear term in the mean)."""
     awr_loss, metrics = actor_loss_awr(actor, critic, psi, nets, batch, key, alpha, cfg)
     mean, std = actor_dist(nets, actor, batch.observations, cfg)
     a = jnp.tanh(mean)
     q, pullback = jax.vjp(lambda x: q_estimate(nets, critic, batch.observations, x, psi, batch.goal_rewards, cfg), a)
-    std_a = std * (1 - a ** 2)
-    step = jnp.sqrt(jnp.mean((std_a * pullback(jnp.ones_like(q))[0]) ** 2))
-    lmbda = jax.lax.stop_gradient(cfg.awr_push * metrics["awr_weight_mean"] / (step + 1e-8))
-    loss = awr_loss - lmbda * q.mean()
-    return loss, dict(metrics, actor_loss=loss, q_pi=q.mean(), lmbda=lmbda)
+    dq_dmean = pullback(jnp.ones_like(q))[0] * (1 - a ** 2)
+    step = cfg.awr_push * metrics["awr_weight_mean"] * dq_dmean / (jnp.sqrt(jnp.mean(dq_dmean ** 2)) + 1e-12)
+    push = jax.lax.stop_gradient(step / std ** 2)
+    loss = awr_loss - jnp.mean(jnp.sum(push * mean, axis=-1))
+    return loss, dict(metrics, q_pi=q.mean(), push_max=jnp.abs(step).max())
 
 
 ACTOR_OBJECTIVES = {"q": actor_loss_q, "awr": actor_loss_awr, "ddpg": actor_loss_ddpg, "awr-ddpg": actor_loss_awr_ddpg,

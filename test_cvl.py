@@ -912,9 +912,10 @@ def test_awr_ddpg_weights_the_bc_term_by_awr_weights():
     assert first["awr-ddpg"] > 0.6
 
 
-def test_awr_push_adds_a_q_step_scaled_by_the_policys_std():
-    """awr-push is AWR's loss minus lambda mean Q(s, tanh(mean)), lambda = awr_push mean(w) / rms(std_a dQ/da) held
-    fixed (std_a = std (1 - tanh(mean)^2)): its value and its gradient against a hand computation."""
+def test_awr_push_adds_a_precision_scaled_push_to_awr():
+    """awr-push's gradient is AWR's plus, on row i's pre-tanh mean, -step_i / std_i^2 (over the batch size), step =
+    awr_push mean(w) dQ/dmean / rms(dQ/dmean) held fixed: against a hand computation of dQ/dmean and of the
+    gradient in the actor's parameters."""
     batch, psi, phi = frozen_critic_problem(64, data_actions=True)
     cfg = cvl.make_config("cpu", hidden=(16,), actor_objective="awr-push", awr_push=0.7, awr_beta=1.5,
                           awr_advantage="q")
@@ -932,40 +933,40 @@ def test_awr_push_adds_a_q_step_scaled_by_the_policys_std():
     np.fill_diagonal(f, -np.inf)
     p = np.exp(f - f.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
-    q, g0 = p @ r, 4 * (p @ r ** 2 - (p @ r) ** 2)  # Q and dQ/da_0 (dQ/da_1 = 0)
-    std_a0 = std[:, 0] * (1 - a[:, 0] ** 2)
-    lmbda = 0.7 * w.mean() / np.sqrt(np.mean((std_a0 * g0) ** 2) / 2)
-    assert float(metrics["lmbda"]) == pytest.approx(lmbda, rel=1e-3)
+    g = np.stack([4 * (p @ r ** 2 - (p @ r) ** 2), np.zeros(64)], 1) * (1 - a ** 2)  # dQ/dmean (dQ/da_1 = 0)
+    step = 0.7 * w.mean() * g / np.sqrt(np.mean(g ** 2))
     assert float(awr_metrics["awr_weight_mean"]) == pytest.approx(w.mean(), rel=1e-4)
-    assert float(loss) == pytest.approx(float(awr_loss) - lmbda * q.mean(), rel=1e-3, abs=1e-4)
+    assert float(metrics["push_max"]) == pytest.approx(np.abs(step).max(), rel=1e-3)
+    push = jnp.asarray(step / std ** 2, jnp.float32)
+    assert float(loss) == pytest.approx(float(awr_loss) - float(np.mean(np.sum(step / std ** 2 * mean, 1))),
+                                        rel=1e-3, abs=1e-4)
 
-    def q_of(params):  # mean Q at the deterministic action, as a function of the actor's parameters
+    def pushed(params):  # the push as a linear term in the mean, with the hand-computed factors
         m, _ = cvl.actor_dist(nets, params, batch.observations, cfg)
-        return cvl.q_estimate(nets, FROZEN_CRITIC, batch.observations, jnp.tanh(m), psi, batch.goal_rewards,
-                              cfg).mean()
+        return jnp.mean(jnp.sum(push * m, axis=-1))
 
     grad = jax.grad(lambda p: cvl.actor_loss_awr_push(p, FROZEN_CRITIC, psi, nets, batch, key, 0.1, cfg)[0])(actor)
     awr_grad = jax.grad(lambda p: cvl.actor_loss_awr(p, FROZEN_CRITIC, psi, nets, batch, key, 0.1, cfg)[0])(actor)
-    expected = jax.tree.map(lambda g, h: g - lmbda * h, awr_grad, jax.grad(q_of)(actor))  # lambda: no gradient
+    expected = jax.tree.map(lambda gr, h: gr - h, awr_grad, jax.grad(pushed)(actor))
     for got, want in zip(jax.tree.leaves(grad), jax.tree.leaves(expected)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-3, atol=1e-5)
 
 
-def test_awr_push_moves_the_mean_by_a_share_of_the_datas_spread():
-    """With AWR's weights off (beta 0), the push moves the policy's mean (before tanh) up dQ/da by about awr_push of
-    the std that behaviour cloning fits to the data's spread, on narrow data and on data 8x wider alike (a fixed
-    push, as DDPG+BC's --ddpg-push, moves it the same amount on both; one not scaled by the std, by std^2)."""
+def test_awr_push_moves_the_mean_by_awr_push_however_wide_the_data():
+    """With AWR's weights off (beta 0), the push moves the policy's mean (before tanh) up dQ/dmean by about
+    awr_push (sqrt(2) awr_push on the first of two action dims, the only one Q depends on) at the balance with
+    behaviour cloning's pull, on narrow data and on data 8x wider alike; a push not divided by the std^2 the
+    likelihood pulls with would move the narrow policy 64x less."""
     batch, psi, phi = frozen_critic_problem(256, data_actions=False)
     noise = np.random.default_rng(1).normal(size=(256, 2)).astype(np.float32)
     for spread in (0.05, 0.4):
         data = batch._replace(actions=jnp.asarray(spread * noise))
-        fits = []
-        for push in (1e-6, 0.5):
+        means = []
+        for push in (1e-6, 0.2):
             cfg, nets, actor = train_against_frozen_critic(data, psi, phi, hidden=(32, 32), actor_objective="awr-push",
                                                            awr_beta=0.0, awr_push=push)
-            fits.append([float(x[:, 0].mean()) for x in cvl.actor_dist(nets, actor, data.observations, cfg)])
-        (bc_mean, bc_std), (pushed_mean, _) = fits
-        assert 0.25 < (pushed_mean - bc_mean) / bc_std < 1.0, (spread, fits)
+            means.append(float(cvl.actor_dist(nets, actor, data.observations, cfg)[0][:, 0].mean()))
+        assert 0.5 < (means[1] - means[0]) / (0.2 * np.sqrt(2)) < 1.5, (spread, means)
 
 
 def test_awr_advantages_against_a_hand_computation():
@@ -1465,7 +1466,7 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     (dict(awr_beta=2.0, actor_objective="q"), "--awr-beta 2.0 does nothing with --actor-objective q"),
     (dict(awr_beta=2.0, actor_objective="ddpg"), "--awr-beta 2.0 does nothing with --actor-objective ddpg: add "
                                                  "--actor-objective awr"),
-    (dict(actor_objective="awr-push", awr_push=1.0), "--awr-push must be in (0, 1)"),
+    (dict(actor_objective="awr-push", awr_push=0.0), "--awr-push must be positive"),
     (dict(awr_push=0.3), "--awr-push 0.3 does nothing with --actor-objective awr: add --actor-objective awr-push"),
     (dict(tau=0.01), "--tau 0.01 does nothing with --critic-loss nce: add --critic-loss td"),
     (dict(td_max_weight=5), "--td-max-weight 5.0 does nothing with --critic-loss nce"),
