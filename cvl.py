@@ -161,13 +161,14 @@ class Config(RunConfig):
                                  choices=("awr", "q", "ddpg", "awr-ddpg", "awr-push"))
     bc_coef: float = _flag(0.05, "With --actor-objective q: weight of the behaviour-cloning term; 1.0 is pure "
                            "behaviour cloning.")
-    awr_beta: float = _flag(0.5, "With --actor-objective awr or awr-ddpg: inverse temperature on the "
+    awr_beta: float = _flag(0.5, "With --actor-objective awr, awr-ddpg or awr-push: inverse temperature on the "
                             "batch-standardised advantage (0: behaviour cloning).")
-    awr_max_weight: float = _flag(100.0, "With --actor-objective awr or awr-ddpg: clip the weights exp(beta A) at "
-                                  "this value.")
-    awr_advantage: str = _flag("td", "With --actor-objective awr or awr-ddpg: td: A = (1 - gamma) r + gamma V(s') - "
-                               "V(s) on the data's transition, which needs only the critic's ranking of states; q: A "
-                               "= Q(s, a_data) - V(s), the critic's own action ranking. V(s) = mean Q(s, a~pi).",
+    awr_max_weight: float = _flag(100.0, "With --actor-objective awr, awr-ddpg or awr-push: clip the weights exp(beta "
+                                  "A) at this value.")
+    awr_advantage: str = _flag("td", "With --actor-objective awr, awr-ddpg or awr-push: td: A = (1 - gamma) r + "
+                               "gamma V(s') - V(s) on the data's transition, which needs only the critic's ranking of "
+                               "states; q: A = Q(s, a_data) - V(s), the critic's own action ranking. V(s) = mean Q(s, "
+                               "a~pi).",
                                choices=("td", "q"))
     awr_push: float = _flag(0.05, "With --actor-objective awr-push: how far the push moves the policy's mean (before "
                             "tanh) up dQ/dmean, rms over the batch, against the weighted likelihood's pull.")
