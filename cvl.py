@@ -106,7 +106,8 @@ class Config(RunConfig):
     ddpg) scores higher on halfcheetah-medium-local but collapsed on a medium/random mix, where AWR held; scaled by
     the action gradient (--ddpg-lambda grad) it holds on the mix but trails AWR on hopper; with BC weighted by AWR
     (--actor-objective awr-ddpg --ddpg-lambda grad) it matches AWR on hopper and beats it on halfcheetah at 300k,
-    but sags on the mix."""
+    but sags on the mix. AWR's own loss plus a push of the same size at every state (--actor-objective awr-push)
+    gains on halfcheetah, matches AWR on hopper and holds on the mix at 100k; 300k is still to run."""
 
     # --- algorithm
     repr_dim: int = _flag(16, "Size of the representations phi(s, a) and psi(g).")
