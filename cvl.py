@@ -275,6 +275,7 @@ def make_dir(path: Path, what: str, fix: str = "choose a writable location") -> 
 # any value above 0). Given with another variant, such a flag is an error, not silently ignored.
 AWR_WEIGHTED = ("awr", "awr-ddpg", "awr-push")  # the actor objectives that weight rows by AWR's weights
 DDPG_STEPS = ("ddpg", "awr-ddpg")  # the actor objectives that push a deterministic pi(s) up lambda Q (ddpg_bc)
+ENTROPY_TERM = ("awr", "awr-push", "q")  # the actor objectives whose loss has the entropy term alpha log pi
 VARIANT_FLAGS = {
     "tau": ("critic_loss", ("td",)), "td_max_weight": ("critic_loss", ("td",)),
     "td_weights": ("critic_loss", ("td",)),
@@ -284,7 +285,7 @@ VARIANT_FLAGS = {
     "awr_beta": ("actor_objective", AWR_WEIGHTED), "awr_max_weight": ("actor_objective", AWR_WEIGHTED),
     "awr_advantage": ("actor_objective", AWR_WEIGHTED),
     "awr_push": ("actor_objective", ("awr-push",)),
-    "alpha": ("actor_objective", ("awr", "awr-push", "q")), "auto_alpha": ("actor_objective", ("awr", "awr-push", "q")),
+    "alpha": ("actor_objective", ENTROPY_TERM), "auto_alpha": ("actor_objective", ENTROPY_TERM),
 }
 
 
