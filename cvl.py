@@ -1188,7 +1188,11 @@ def actor_loss_awr(actor, critic, psi, nets: Networks, batch: Batch, key, alpha,
     w = min(exp(beta A / std(A)), max_weight), A from --awr-advantage. The critic is asked about states and dataset
     actions, where it was trained, and never differentiated in the action; the batch's std of A makes beta free of
     the reward scale, so one beta serves every dataset."""
-    mean, std = actor_dist(nets, actor, batch.observations, cfg)
+    return awr_at(*actor_dist(nets, actor, batch.observations, cfg), actor, critic, psi, nets, batch, key, alpha, cfg)
+
+
+def awr_at(mean, std, actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):
+    """actor_loss_awr given the actor's (mean, std) at the batch's states."""
     u = mean + std * jax.random.normal(key, mean.shape)
     log_prob = tanh_gaussian_log_prob(mean, std, u)
     adv, v = awr_advantage(nets, critic, actor, psi, batch, jax.random.fold_in(key, 1), cfg)
@@ -1197,6 +1201,13 @@ def actor_loss_awr(actor, critic, psi, nets: Networks, batch: Batch, key, alpha,
     loss = jnp.mean(w * bc + alpha * log_prob)
     return loss, dict(actor_loss=loss, q_mean=v.mean(), bc_nll=bc.mean(), entropy=-log_prob.mean(),
                       awr_weight_max=w.max(), awr_weight_mean=w.mean(), awr_adv_std=adv.std(), awr_ess=ess)
+
+
+def q_and_slope(nets: Networks, critic, psi, batch: Batch, a, cfg: Config):
+    """The batch's Q at actions a (one per row) and dQ/da: row i's Q depends on a_i alone, so one vector-Jacobian
+    product with ones gives every row's gradient."""
+    q, pullback = jax.vjp(lambda x: q_estimate(nets, critic, batch.observations, x, psi, batch.goal_rewards, cfg), a)
+    return q, pullback(jnp.ones_like(q))[0]
 
 
 # DDPG+BC's lambda (--ddpg-lambda), held fixed: each gets the batch's Q at the policy's actions and its gradient in
@@ -1222,8 +1233,7 @@ def ddpg_bc(actor, critic, psi, nets: Networks, batch: Batch, bc_weights, cfg: C
     from --ddpg-lambda held fixed; the std fitted by (unweighted) BC with the mean held fixed."""
     mean, std = actor_dist(nets, actor, batch.observations, cfg)
     a = jnp.tanh(mean)
-    q, pullback = jax.vjp(lambda x: q_estimate(nets, critic, batch.observations, x, psi, batch.goal_rewards, cfg), a)
-    dq_da = pullback(jnp.ones_like(q))[0]  # row i's Q depends on a_i alone; unused (and compiled away) with lambda q
+    q, dq_da = q_and_slope(nets, critic, psi, batch, a, cfg)  # dq_da unused (and compiled away) with lambda q
     lmbda = jax.lax.stop_gradient(DDPG_LAMBDAS[cfg.ddpg_lambda](q, dq_da, cfg))
     mse = jnp.mean((a - batch.actions) ** 2, axis=-1)
     std_nll = bc_nll(jax.lax.stop_gradient(mean), std, batch.actions)
@@ -1261,11 +1271,11 @@ def actor_loss_awr_push(actor, critic, psi, nets: Networks, batch: Batch, key, a
     awr-ddpg, weighs a noisy state's rows as much and falls well under AWR on a medium/random mix; a push scaled by
     the std moves noisy states far more; docs/experiments.md). The logged actor_loss is AWR's; the push has no
     value of its own, only that gradient (a linear term in the mean)."""
-    awr_loss, metrics = actor_loss_awr(actor, critic, psi, nets, batch, key, alpha, cfg)
     mean, std = actor_dist(nets, actor, batch.observations, cfg)
+    awr_loss, metrics = awr_at(mean, std, actor, critic, psi, nets, batch, key, alpha, cfg)
     a = jnp.tanh(mean)
-    q, pullback = jax.vjp(lambda x: q_estimate(nets, critic, batch.observations, x, psi, batch.goal_rewards, cfg), a)
-    dq_dmean = pullback(jnp.ones_like(q))[0] * (1 - a ** 2)
+    q, dq_da = q_and_slope(nets, critic, psi, batch, a, cfg)
+    dq_dmean = dq_da * (1 - a ** 2)
     step = cfg.awr_push * metrics["awr_weight_mean"] * dq_dmean / (jnp.sqrt(jnp.mean(dq_dmean ** 2)) + 1e-12)
     push = jax.lax.stop_gradient(step / std ** 2)
     loss = awr_loss - jnp.mean(jnp.sum(push * mean, axis=-1))

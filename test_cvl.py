@@ -837,6 +837,23 @@ def test_actor_moves_towards_what_a_frozen_critic_prefers(objective, flags):
     assert objective != "awr" or 1 / 256 <= float(metrics["awr_ess"]) <= 1
 
 
+def frozen_q_and_slope(a, r):
+    """Q(s_i, a_i) of the frozen critic f(s_i, a_i, g_j) = 4 a_i0 r_j, each row's own goal left out, and dQ/da_0 = 4
+    Var_softmax(r) (the softmax's weights move with f; dQ/da_1 = 0), in float64."""
+    f = 4 * a[:, :1] * r[None, :]
+    np.fill_diagonal(f, -np.inf)
+    p = np.exp(f - f.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    return p @ r, 4 * (p @ r ** 2 - (p @ r) ** 2)
+
+
+def awr_weights_by_hand(nets, actor, psi, batch, key, cfg, beta):
+    """AWR's weights min(exp(beta A / std(A)), 100) of the batch's rows, from cvl's advantages, in float64."""
+    adv, _ = cvl.awr_advantage(nets, FROZEN_CRITIC, actor, psi, batch, jax.random.fold_in(key, 1), cfg)
+    adv = np.asarray(adv, np.float64)
+    return np.minimum(np.exp(beta * adv / adv.std()), 100.0)
+
+
 def test_ddpg_actor_loss_against_a_hand_computation():
     """-lambda Q(s, tanh(mean)) + mean_dims (tanh(mean) - a)^2, lambda = ddpg_alpha / mean|Q|, plus the BC NLL of the
     std with the mean held fixed: the mean's gradient comes from the first two terms only."""
@@ -847,9 +864,7 @@ def test_ddpg_actor_loss_against_a_hand_computation():
     loss, metrics = cvl.actor_loss_ddpg(actor, FROZEN_CRITIC, psi, nets, batch, jax.random.key(0), 0.0, cfg)
     mean, std = (np.asarray(x, np.float64) for x in cvl.actor_dist(nets, actor, batch.observations, cfg))
     a, r = np.tanh(mean), np.asarray(batch.goal_rewards, np.float64)
-    f = 4 * a[:, :1] * r[None, :]  # the frozen critic: f(s_i, a_i, g_j) = 4 a_i0 r_j
-    np.fill_diagonal(f, -np.inf)  # each row's own goal left out
-    q = (np.exp(f - f.max(1, keepdims=True)) @ r) / np.exp(f - f.max(1, keepdims=True)).sum(1)
+    q, g0 = frozen_q_and_slope(a, r)
     mse = ((a - np.asarray(batch.actions)) ** 2).mean(1)
     nll = np.asarray(cvl.bc_nll(jnp.asarray(mean), jnp.asarray(std), batch.actions))
     expected = np.mean(-1.7 / np.abs(q).mean() * q + mse) + nll.mean()
@@ -860,9 +875,6 @@ def test_ddpg_actor_loss_against_a_hand_computation():
     # move with f = 4 a_0 r), dQ/da_1 = 0, so the rms over rows and both dims is sqrt(mean(g0^2) / 2).
     cfg = cvl.make_config("cpu", hidden=(16,), actor_objective="ddpg", ddpg_lambda="grad", ddpg_push=0.3)
     loss, metrics = cvl.actor_loss_ddpg(actor, FROZEN_CRITIC, psi, nets, batch, jax.random.key(0), 0.0, cfg)
-    p = np.exp(f - f.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    g0 = 4 * (p @ r ** 2 - (p @ r) ** 2)
     lmbda = 0.3 / np.sqrt(np.mean(g0 ** 2) / 2)
     assert float(metrics["lmbda"]) == pytest.approx(lmbda, rel=1e-3)
     assert float(loss) == pytest.approx(np.mean(-lmbda * q + mse) + nll.mean(), rel=1e-3)
@@ -879,16 +891,10 @@ def test_awr_ddpg_weights_the_bc_term_by_awr_weights():
     actor = nets.actor.init(jax.random.key(1), batch.observations)
     key = jax.random.key(0)
     loss, metrics = cvl.actor_loss_awr_ddpg(actor, FROZEN_CRITIC, psi, nets, batch, key, 0.0, cfg)
-    adv, _ = cvl.awr_advantage(nets, FROZEN_CRITIC, actor, psi, batch, jax.random.fold_in(key, 1), cfg)
-    adv = np.asarray(adv, np.float64)
-    w = np.minimum(np.exp(1.5 * adv / adv.std()), 100.0)
+    w = awr_weights_by_hand(nets, actor, psi, batch, key, cfg, beta=1.5)
     mean, std = (np.asarray(x, np.float64) for x in cvl.actor_dist(nets, actor, batch.observations, cfg))
     a, r = np.tanh(mean), np.asarray(batch.goal_rewards, np.float64)
-    f = 4 * a[:, :1] * r[None, :]  # the frozen critic at the policy's actions, each row's own goal left out
-    np.fill_diagonal(f, -np.inf)
-    p = np.exp(f - f.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    q, g0 = p @ r, 4 * (p @ r ** 2 - (p @ r) ** 2)  # Q and dQ/da_0 (dQ/da_1 = 0)
+    q, g0 = frozen_q_and_slope(a, r)  # at the policy's actions
     lmbda = 0.3 / np.sqrt(np.mean(g0 ** 2) / 2)
     mse = ((a - np.asarray(batch.actions)) ** 2).mean(1)
     nll = np.asarray(cvl.bc_nll(jnp.asarray(mean), jnp.asarray(std), batch.actions))
@@ -924,16 +930,10 @@ def test_awr_push_adds_a_precision_scaled_push_to_awr():
     key = jax.random.key(0)
     loss, metrics = cvl.actor_loss_awr_push(actor, FROZEN_CRITIC, psi, nets, batch, key, 0.1, cfg)
     awr_loss, awr_metrics = cvl.actor_loss_awr(actor, FROZEN_CRITIC, psi, nets, batch, key, 0.1, cfg)
-    adv, _ = cvl.awr_advantage(nets, FROZEN_CRITIC, actor, psi, batch, jax.random.fold_in(key, 1), cfg)
-    adv = np.asarray(adv, np.float64)
-    w = np.minimum(np.exp(1.5 * adv / adv.std()), 100.0)
+    w = awr_weights_by_hand(nets, actor, psi, batch, key, cfg, beta=1.5)
     mean, std = (np.asarray(x, np.float64) for x in cvl.actor_dist(nets, actor, batch.observations, cfg))
     a, r = np.tanh(mean), np.asarray(batch.goal_rewards, np.float64)
-    f = 4 * a[:, :1] * r[None, :]  # the frozen critic at the policy's deterministic actions, own goals left out
-    np.fill_diagonal(f, -np.inf)
-    p = np.exp(f - f.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    g = np.stack([4 * (p @ r ** 2 - (p @ r) ** 2), np.zeros(64)], 1) * (1 - a ** 2)  # dQ/dmean (dQ/da_1 = 0)
+    g = np.stack([frozen_q_and_slope(a, r)[1], np.zeros(64)], 1) * (1 - a ** 2)  # dQ/dmean at the policy's actions
     step = 0.7 * w.mean() * g / np.sqrt(np.mean(g ** 2))
     assert float(awr_metrics["awr_weight_mean"]) == pytest.approx(w.mean(), rel=1e-4)
     assert float(metrics["push_max"]) == pytest.approx(np.abs(step).max(), rel=1e-3)
