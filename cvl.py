@@ -8,7 +8,8 @@ state g from its own trajectory's discounted future (positive) against the futur
 batch (negatives). exp(f) then estimates p(g | s, a) / p(g), so rewards of future states weighted by it give
 Q(s, a) without TD learning and without a reward model. A tanh-Gaussian actor maximises that Q estimate with a
 behaviour-cloning term (the paper's actor); by default the policy is instead advantage-weighted regression on the
-data's actions with the one-step TD advantage, on states standardised by the dataset's statistics.
+data's actions with the one-step TD advantage plus a small push of its mean up the critic's action gradient, on
+states standardised by the dataset's statistics.
 
     python cvl.py --env halfcheetah-medium-v2            # the paper's offline setting (GPU recommended)
     python cvl.py --env hopper-medium-v2 --preset cpu    # a small, quick setting for a laptop
@@ -101,13 +102,11 @@ class RunConfig:
 class Config(RunConfig):
     """Every knob of a run. Defaults are the paper's offline setting (the `paper` preset) except two things (README
     Results): states are standardised by the dataset's mean and std, as TD3+BC does (the paper and the original code
-    feed raw states: --no-normalize-states), and the policy step is AWR on the one-step TD advantage (the paper's
-    actor, raw Q plus 0.05 BC, collapsed on hopper: --actor-objective q). TD3+BC's DDPG+BC step (--actor-objective
-    ddpg) scores higher on halfcheetah-medium-local but collapsed on a medium/random mix, where AWR held; scaled by
-    the action gradient (--ddpg-lambda grad) it holds on the mix but trails AWR on hopper; with BC weighted by AWR
-    (--actor-objective awr-ddpg --ddpg-lambda grad) it matches AWR on hopper and beats it on halfcheetah at 300k,
-    but sags on the mix. AWR's own loss plus a push of the same size at every state (--actor-objective awr-push)
-    gains on halfcheetah, matches AWR on hopper and holds on the mix at 100k; 300k is still to run."""
+    feed raw states: --no-normalize-states), and the policy step is AWR on the one-step TD advantage plus a push of
+    the policy's mean up the critic's action gradient, the same size at every state (--actor-objective awr-push).
+    The paper's actor, raw Q plus 0.05 BC, collapsed on hopper (--actor-objective q); AWR alone stays at behaviour
+    cloning's level on halfcheetah (--actor-objective awr); TD3+BC's DDPG+BC step and its variants (--actor-objective
+    ddpg, awr-ddpg) gain there as the push does but lose on a medium/random mix, where AWR and the push hold."""
 
     # --- algorithm
     repr_dim: int = _flag(16, "Size of the representations phi(s, a) and psi(g).")
@@ -152,14 +151,15 @@ class Config(RunConfig):
     goal_reward: str = _flag("arrival", "r(g) for goal s_{t+k}: arrival: rewards[t+k-1], the reward of the step into "
                              "s_{t+k}, for which E[r(g)] / (1 - gamma) is exactly Q(s_t, a_t); goal: rewards[t+k], "
                              "the reward logged at the goal row (original code).", choices=("arrival", "goal"))
-    actor_objective: str = _flag("awr", "awr: advantage-weighted regression on the dataset's actions (one-step "
-                                 "offline RL), weights exp(awr_beta * A / std(A)); q: maximise the Q estimate at the "
-                                 "policy's reparameterised actions plus a BC term (the paper; see --bc-coef); ddpg: "
-                                 "TD3+BC's normalised DDPG+BC, lambda Q(s, pi(s)) - (pi(s) - a)^2 with lambda = "
-                                 "ddpg_alpha / mean|Q| (see --ddpg-lambda); awr-ddpg: ddpg with each row's BC term "
-                                 "weighted by AWR's weights (divided by their batch mean); awr-push: awr plus a push "
-                                 "of the policy's mean up the critic's action gradient (see --awr-push).",
-                                 choices=("awr", "q", "ddpg", "awr-ddpg", "awr-push"))
+    actor_objective: str = _flag("awr-push", "awr-push: awr plus a push of the policy's mean up the critic's action "
+                                 "gradient, the same size at every state (see --awr-push); awr: advantage-weighted "
+                                 "regression on the dataset's actions (one-step offline RL), weights exp(awr_beta * A "
+                                 "/ std(A)); q: maximise the Q estimate at the policy's reparameterised actions plus a "
+                                 "BC term (the paper; see --bc-coef); ddpg: TD3+BC's normalised DDPG+BC, lambda Q(s, "
+                                 "pi(s)) - (pi(s) - a)^2 with lambda = ddpg_alpha / mean|Q| (see --ddpg-lambda); "
+                                 "awr-ddpg: ddpg with each row's BC term weighted by AWR's weights (divided by their "
+                                 "batch mean).",
+                                 choices=("awr-push", "awr", "q", "ddpg", "awr-ddpg"))
     bc_coef: float = _flag(0.05, "With --actor-objective q: weight of the behaviour-cloning term; 1.0 is pure "
                            "behaviour cloning.")
     awr_beta: float = _flag(0.5, "With --actor-objective awr, awr-ddpg or awr-push: inverse temperature on the "
@@ -1263,7 +1263,7 @@ def actor_loss_awr_ddpg(actor, critic, psi, nets: Networks, batch: Batch, key, a
 
 
 def actor_loss_awr_push(actor, critic, psi, nets: Networks, batch: Batch, key, alpha, cfg: Config):
-    """AWR (the default's loss, as is) plus a push of the policy's mean (before tanh) up the critic: row i's mean
+    """AWR (actor_loss_awr, as is) plus a push of the policy's mean (before tanh) up the critic: row i's mean
     gets the extra gradient -step_i / std_i^2, step = awr_push mean(w) dQ/dmean / rms(dQ/dmean) held fixed. The
     weighted likelihood pulls the mean back by w_i (mean_i - u_i) / std_i^2, so at the balance the mean sits at the
     data's weighted mean plus step_i / w_i: the same offset, about awr_push, at every state, as DDPG+BC's push gives

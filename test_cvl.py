@@ -1467,7 +1467,8 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     (dict(awr_beta=2.0, actor_objective="ddpg"), "--awr-beta 2.0 does nothing with --actor-objective ddpg: add "
                                                  "--actor-objective awr"),
     (dict(actor_objective="awr-push", awr_push=0.0), "--awr-push must be positive"),
-    (dict(awr_push=0.3), "--awr-push 0.3 does nothing with --actor-objective awr: add --actor-objective awr-push"),
+    (dict(awr_push=0.3, actor_objective="awr"), "--awr-push 0.3 does nothing with --actor-objective awr: add "
+                                                "--actor-objective awr-push"),
     (dict(tau=0.01), "--tau 0.01 does nothing with --critic-loss nce: add --critic-loss td"),
     (dict(td_max_weight=5), "--td-max-weight 5.0 does nothing with --critic-loss nce"),
     (dict(td_weights="normalized"), "--td-weights normalized does nothing with --critic-loss nce: add --critic-loss "
@@ -1479,8 +1480,8 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
                                                 "--actor-objective ddpg"),
     (dict(actor_objective="ddpg", ddpg_lambda="grad", ddpg_alpha=1.0), "--ddpg-alpha 1.0 does nothing with "
                                                                        "--ddpg-lambda grad: add --ddpg-lambda q"),
-    (dict(ddpg_push=0.1), "--ddpg-push 0.1 does nothing with --ddpg-lambda q --actor-objective awr: add --ddpg-lambda "
-                          "grad and --actor-objective ddpg or awr-ddpg, or drop"),
+    (dict(ddpg_push=0.1), "--ddpg-push 0.1 does nothing with --ddpg-lambda q --actor-objective awr-push: add "
+                          "--ddpg-lambda grad and --actor-objective ddpg or awr-ddpg, or drop"),
     (dict(actor_objective="ddpg", awr_beta=1.0), "--awr-beta 1.0 does nothing with --actor-objective ddpg: add "
                                                  "--actor-objective awr or awr-ddpg or awr-push, or drop"),
     (dict(actor_objective="ddpg", ddpg_lambda="grad", ddpg_push=0), "--ddpg-push must be positive"),

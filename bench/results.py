@@ -38,11 +38,13 @@ CVL, TD3BC = ROOT / "cvl.py", ROOT / "bench" / "td3_bc.py"
 # (method, folder, script, extra flags, seeds). Everything else is cvl.py's cpu preset, or TD3+BC's published settings.
 RAW = ["--no-normalize-states"]  # the rows screened before states were standardised by default (2026-12-02)
 METHODS = [
-    ("CVL (default: standardised states, AWR on the TD advantage)", "cvl", CVL, [], 3),
+    ("CVL (default: standardised states, AWR plus a push of the policy's mean up dQ/da)", "cvl", CVL, [], 3),
     ("BC (--actor-objective q --bc-coef 1.0)", "bc", CVL, ["--actor-objective", "q", "--bc-coef", "1.0"], 3),
     ("TD3+BC (bench/td3_bc.py)", "td3bc", TD3BC, [], 3),
     ("CVL, the paper's actor and raw states (--actor-objective q --no-normalize-states)", "cvl-q", CVL,
      ["--actor-objective", "q", *RAW], 3),
+    ("CVL, standardised states, AWR on the TD advantage (the default until 2026-12-03; --actor-objective awr)",
+     "cvl-std-awr", CVL, ["--actor-objective", "awr"], 3),
     ("CVL, standardised states, DDPG+BC (--actor-objective ddpg)", "cvl-std-ddpg", CVL,
      ["--actor-objective", "ddpg"], 3),
     ("CVL, raw states, AWR on the TD advantage (the default until 2026-12-02; --no-normalize-states)", "cvl-raw-awr",
@@ -57,8 +59,6 @@ METHODS = [
      "grad)", "cvl-awr-ddpg-grad", CVL, ["--actor-objective", "awr-ddpg", "--ddpg-lambda", "grad"], 3),
     ("CVL, the same with LayerNorm in phi and psi (--actor-objective awr-ddpg --ddpg-lambda grad --layer-norm)",
      "cvl-awr-ddpg-grad-ln", CVL, ["--actor-objective", "awr-ddpg", "--ddpg-lambda", "grad", "--layer-norm"], 3),
-    ("CVL, AWR plus a push of the policy's mean up dQ/da, 0.05 at every state (--actor-objective awr-push)",
-     "cvl-awr-push", CVL, ["--actor-objective", "awr-push"], 3),
     ("CVL, AWR on the critic's own advantage Q(s, a) - V(s) (--awr-advantage q)", "cvl-awrq", CVL,
      ["--awr-advantage", "q"], 3),
     ("CVL, DDPG+BC on the minimum of 2 critics (--critics 2 --actor-objective ddpg)", "cvl-ddpg-c2", CVL,
