@@ -1270,7 +1270,8 @@ def actor_loss_awr_push(actor, critic, psi, nets: Networks, batch: Batch, key, a
     a deterministic policy, while the likelihood keeps fitting narrow states hardest (a squared-error BC term, as in
     awr-ddpg, weighs a noisy state's rows as much and falls well under AWR on a medium/random mix; a push scaled by
     the std moves noisy states far more; docs/experiments.md). The logged actor_loss is AWR's; the push has no
-    value of its own, only that gradient (a linear term in the mean)."""
+    value of its own, only that gradient (a linear term in the mean). Also logged: q_pi, the mean Q at tanh(mean),
+    and push_max, the largest |step| in the batch (awr_push mean(w) max|dQ/dmean| / rms(dQ/dmean))."""
     mean, std = actor_dist(nets, actor, batch.observations, cfg)
     awr_loss, metrics = awr_at(mean, std, actor, critic, psi, nets, batch, key, alpha, cfg)
     a = jnp.tanh(mean)
