@@ -2260,6 +2260,24 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
         assert (cos[inside] > 0.99).all()
         assert sim["up_better"] == np.mean(sim["g_up"] > sim["g_data"])
         assert sim["up_gain"] == pytest.approx(np.mean(sim["g_up"] - sim["g_data"]))
+        # the policy's own action (cvl.eval_action, deterministic) moved 0.1 along dQ/da taken at that action
+        a_pi = np.asarray(cvl.eval_action(nets, actor, full.observations[:16]))
+        np.testing.assert_allclose(sim["a_policy"], a_pi, rtol=1e-5, atol=1e-6)
+        psi_0 = cvl.goal_features(nets, critic, full.goals[:cfg.batch_size], full.absorbing[:cfg.batch_size])
+        a_at = np.asarray(cvl.eval_action(nets, actor, full.observations[:cfg.batch_size]))
+        q_pi = lambda x: np.asarray(cvl.q_estimate(nets, critic, full.observations[:cfg.batch_size], x,  # noqa: E731
+                                                   psi_0, full.goal_rewards[:cfg.batch_size], cfg), np.float64)
+        fd_pi = np.stack([(q_pi(a_at + 1e-2 * np.eye(act_dim, dtype=np.float32)[d])
+                           - q_pi(a_at - 1e-2 * np.eye(act_dim, dtype=np.float32)[d])) / 2e-2
+                          for d in range(act_dim)], axis=1)[:16]
+        up_pi = sim["a_pi_up"] - a_pi
+        inside = (np.abs(sim["a_pi_up"]) < 1).all(axis=1)
+        assert inside.sum() >= 8
+        np.testing.assert_allclose(np.linalg.norm(up_pi[inside], axis=1), 0.1, rtol=1e-3)
+        cos = (up_pi * fd_pi).sum(1) / (np.linalg.norm(up_pi, axis=1) * np.linalg.norm(fd_pi, axis=1))
+        assert (cos[inside] > 0.99).all()
+        assert sim["pi_up_better"] == np.mean(sim["g_pi_up"] > sim["g_policy"])
+        assert sim["pi_up_gain"] == pytest.approx(np.mean(sim["g_pi_up"] - sim["g_policy"]))
         sens, q_own = r["sensitivity"], r["normalized"]["q"]
         assert sens["grad_rms"] == pytest.approx(rms, rel=0.05)
         assert sens["per_mean_abs_q"] == pytest.approx(sens["grad_rms"] / np.abs(q_own).mean(), rel=1e-6)
@@ -2841,6 +2859,18 @@ def test_td3_bc_cli_trains_evaluates_and_resumes(tmp_path, dataset):
         inside = (np.abs(sim["a_up"]) < 1).all(axis=1)
         cos = (up * fd[:8][sim["ok"]]).sum(1) / (np.linalg.norm(up, axis=1) * np.linalg.norm(fd[:8][sim["ok"]], axis=1))
         assert (cos[inside] > 0.99).all() and sim["up_better"] == np.mean(sim["g_up"] > sim["g_data"])
+        # and from the policy's own action, along TD3+BC's dQ/da taken there
+        actor = jax.tree.map(lambda x: jnp.asarray(x[i]), payload["state"]["actor"])
+        a_pi = np.asarray(td3_bc.policy(nets, actor, s), np.float64)  # every row: q1_at takes them all
+        fd_pi = np.stack([(q1_at(a_pi + d) - q1_at(a_pi - d)) / 2e-2 for d in 1e-2 * np.eye(act_dim)], axis=1)[:8]
+        a_pi = a_pi[:8]
+        np.testing.assert_allclose(sim["a_policy"], a_pi[sim["ok"]], rtol=1e-5, atol=1e-6)
+        up_pi = sim["a_pi_up"] - a_pi[sim["ok"]]
+        inside = (np.abs(sim["a_pi_up"]) < 1).all(axis=1)
+        cos = (up_pi * fd_pi[sim["ok"]]).sum(1) / (np.linalg.norm(up_pi, axis=1)
+                                                   * np.linalg.norm(fd_pi[sim["ok"]], axis=1))
+        assert inside.any() and (cos[inside] > 0.99).all()
+        assert sim["pi_up_better"] == np.mean(sim["g_pi_up"] > sim["g_policy"])
 
 
 def test_td3_bc_a_signal_saves_the_last_finished_step_and_resume_equals_an_uninterrupted_run(

@@ -27,7 +27,8 @@ the negatives:
   - the action sensitivity of the run's own Q at the data's actions: rms dQ/da over mean |Q| (times alpha, the push
     a DDPG+BC step gets off the data) and over the std of Q across the rows (also for a bench/td3_bc.py run), the
     mean cosine of dQ/da with the data's action (does the critic want actions larger or smaller?), and in
-    the simulator whether the return rises when the data's action moves --near along dQ/da (the policy step);
+    the simulator whether the return rises when the data's action moves --near along dQ/da, and when the policy's
+    own action moves --near along dQ/da taken at that action (where the policy step pushes it from);
 with --against OTHER_RUN, the cosine between this run's dQ/da and the other run's (CVL or TD3+BC) on the same rows;
 with --select N, the critic in closed loop: the score of a policy that acts with the best of N candidate actions
 (the policy's own and N - 1 samples of it, of this run or of --candidates) by the critic's Q, against one that picks
@@ -187,10 +188,14 @@ def diagnose(args) -> list[dict]:
                   f"goals and policy samples, corr(A, A') {show(result[f'retest_{name}']['corr'])}")
         if args.simulate:
             policy = jax.jit(lambda obs: cvl.eval_action(nets, actor, obs))
+            a_pi = per_batch(lambda sl: policy(s[sl]))
+            grad_pi = per_batch(lambda sl: jax.grad(lambda x: cvl.q_estimate(nets, critic, s[sl], x, psi(sl), r_g[sl],
+                                                                              cfg).sum())(a_pi[sl]))
             own = result[cfg.q_estimator]
             sim = result["simulated"] = simulate_pairs(env_id, s, a, a_rand, a_near, own["q"], own["q_random"],
                                                        q(a_near, cfg.q_estimator), policy, cfg.gamma, args,
-                                                       f"the critic ({cfg.q_estimator})", uphill(a, grad, args.near))
+                                                       f"the critic ({cfg.q_estimator})", uphill(a, grad, args.near),
+                                                       uphill(a_pi, grad_pi, args.near))
             ok, n = sim["ok"], len(sim["ok"])
             g_data, g_pi = sim["g_data"], sim["g_policy"]
             for name in cvl.ADVANTAGES:  # each AWR advantage of the data's action, computed as in training
@@ -235,27 +240,35 @@ def uphill(a, grad, size: float):
 
 
 def simulate_pairs(env_id, s, a, a_rand, a_near, q_data, q_rand, q_near, policy, gamma, args, critic_name: str,
-                   a_up) -> dict:
+                   a_up, a_pi_up) -> dict:
     """The first --simulate rows in the simulator: the data's action, a random one, one near the data's (a + N(0,
     --near^2), clipped) and the policy's own first action, then the policy. Whether the critic (its Q of the rows at
     each of the three) agrees with the returns G on which of a pair is better, and corr(dQ, dG): the data's action
     against the random one (top-level keys), and against the near one ("near_*": the local ranking a DDPG-style
     policy step follows). And the policy step itself: a_up, the data's action moved --near along the critic's
     gradient (uphill), against the data's: how often the simulator's return rises along it ("up_better", 0.5 for a
-    direction that knows nothing) and by how much on average ("up_gain"). Prints a line for each."""
+    direction that knows nothing) and by how much on average ("up_gain"). The same for a_pi_up, the policy's own
+    action moved --near along the gradient taken there, against the policy's action ("pi_up_better", "pi_up_gain"):
+    whether the critic knows the way up from where the policy is, which is where a policy step pushes it from.
+    Prints a line for each."""
     n = min(args.simulate, len(s))
     a_pi = np.asarray(policy(s[:n]))  # the policy's own first action: G(a_pi) is its value V(s)
-    first_actions = np.concatenate([np.asarray(x[:n]) for x in (a, a_rand, a_near)] + [a_pi, np.asarray(a_up[:n])])
+    first_actions = np.concatenate([np.asarray(x[:n]) for x in (a, a_rand, a_near)]
+                                   + [a_pi, np.asarray(a_up[:n]), np.asarray(a_pi_up[:n])])
     g = simulated_returns(env_id, np.asarray(s[:n]), first_actions, policy, gamma, args.horizon)  # i, n + i, ...
     ok = ~np.isnan(g[:n])
-    g_data, g_rand, g_near, g_pi, g_up = (g[k * n:(k + 1) * n][ok] for k in range(5))
+    g_data, g_rand, g_near, g_pi, g_up, g_pi_up = (g[k * n:(k + 1) * n][ok] for k in range(6))
     sim = dict(rows=int(ok.sum()), ok=ok, g_data=g_data, g_random=g_rand, g_near=g_near, g_policy=g_pi,
                a_near=np.asarray(a_near[:n])[ok], q_near=np.asarray(q_near)[:n][ok], g_up=g_up,
                a_up=np.asarray(a_up[:n])[ok], up_better=float(np.mean(g_up > g_data)),
-               up_gain=float(np.mean(g_up - g_data)))
+               up_gain=float(np.mean(g_up - g_data)), a_policy=a_pi[ok], g_pi_up=g_pi_up,
+               a_pi_up=np.asarray(a_pi_up[:n])[ok], pi_up_better=float(np.mean(g_pi_up > g_pi)),
+               pi_up_gain=float(np.mean(g_pi_up - g_pi)))
     sim.update(pair_agreement(sim, q_data, q_rand, q_near, critic_name, args.horizon))
-    print(f"    simulator, the data's action moved {args.near} along the critic's gradient dQ/da (the policy step's "
-          f"direction): the return rises {sim['up_better']:.3f} of the time, by {sim['up_gain']:+.3g} on average")
+    for what, key in (("the data's action", "up"), ("the policy's own action", "pi_up")):
+        print(f"    simulator, {what} moved {args.near} along the critic's gradient dQ/da there (the policy step's "
+              f"direction): the return rises {sim[key + '_better']:.3f} of the time, by {sim[key + '_gain']:+.3g} "
+              "on average")
     return sim
 
 
@@ -298,15 +311,18 @@ def diagnose_td3bc(args) -> list[dict]:
 
         q_data, q_rand, q_near = (np.asarray(q1(x)) for x in (a, a_rand, a_near))
         grad = np.asarray(jax.grad(lambda x: q1(x).sum())(a))
+        policy = jax.jit(lambda obs, actor=actor: td3_bc.policy(nets, actor, (obs - mean) / std))
         result = dict(seed=seed, rows=rows, q=q_data, q_random=q_rand, corr=correlations(q_data, ret),
                       beats_random=float(np.mean(q_data > q_rand)))
         print(f"  seed {seed}: corr(Q_1, MC return) {show(result['corr'])} | Q(a_data) > Q(a_random) "
               f"{result['beats_random']:.3f}")
         result["sensitivity"], result["grad"] = action_sensitivity(grad, q_data, a), grad
         if args.simulate:
-            policy = jax.jit(lambda obs, actor=actor: td3_bc.policy(nets, actor, (obs - mean) / std))
+            a_pi = np.asarray(policy(s))
+            grad_pi = np.asarray(jax.grad(lambda x: q1(x).sum())(jnp.asarray(a_pi)))
             result["simulated"] = simulate_pairs(env_id, s, a, a_rand, a_near, q_data, q_rand, q_near, policy,
-                                                 cfg.discount, args, "TD3+BC's critic", uphill(a, grad, args.near))
+                                                 cfg.discount, args, "TD3+BC's critic", uphill(a, grad, args.near),
+                                                 uphill(a_pi, grad_pi, args.near))
         results.append(result)
     return results
 
