@@ -67,6 +67,10 @@ METHODS = [
      ["--critics", "4", "--actor-objective", "ddpg"], 3),
     ("CVL, contrastive TD with twin critics + DDPG+BC (--critic-loss td --critics 2 --actor-objective ddpg)",
      "cvl-td2", CVL, ["--critic-loss", "td", "--critics", "2", "--actor-objective", "ddpg"], 3),
+    ("CVL, contrastive TD (the learned policy's future) under the default step (--critic-loss td)", "cvl-td", CVL,
+     ["--critic-loss", "td"], 3),
+    ("CVL, contrastive TD with normalised bootstrap weights under the default step (--critic-loss td --td-weights "
+     "normalized)", "cvl-tdn", CVL, ["--critic-loss", "td", "--td-weights", "normalized"], 3),
     # raw states: the screens of 2026-12-01 (docs/experiments.md)
     ("CVL, raw states, AWR beta 1 (--actor-objective awr --awr-beta 1.0 --no-normalize-states)", "cvl-awr-td", CVL,
      ["--actor-objective", "awr", "--awr-beta", "1.0", *RAW], 3),
