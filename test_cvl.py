@@ -104,6 +104,13 @@ def small_config(dataset: Path, out: Path, **kw) -> cvl.Config:
     return cvl.make_config("cpu", **{**base, **kw})
 
 
+def central_difference(q_of, a, h: float = 1e-2) -> np.ndarray:
+    """dQ/da row by row by central differences: q_of maps actions [N, |A|] to each row's Q [N], which depends on
+    that row's own action only."""
+    a = np.asarray(a)
+    return np.stack([(q_of(a + d) - q_of(a - d)) / (2 * h) for d in h * np.eye(a.shape[1], dtype=a.dtype)], axis=1)
+
+
 def read_rows(run_dir: Path) -> list[dict]:
     with open(Path(run_dir) / "metrics.csv") as f:
         return list(csv.DictReader(f))
@@ -2248,8 +2255,7 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
             psi_k = cvl.goal_features(nets, critic, full.goals[sl], full.absorbing[sl])
             q_at = lambda x: np.asarray(cvl.q_estimate(nets, critic, full.observations[sl], x, psi_k,  # noqa: E731
                                                        full.goal_rewards[sl], cfg), np.float64)
-            a_k, step = np.asarray(full.actions[sl]), 1e-2 * np.eye(act_dim, dtype=np.float32)
-            fd.append(np.stack([(q_at(a_k + step[d]) - q_at(a_k - step[d])) / 2e-2 for d in range(act_dim)], axis=1))
+            fd.append(central_difference(q_at, full.actions[sl]))
         fd = np.concatenate(fd)
         rms = np.sqrt(np.mean(fd ** 2))
         # the step along the critic's gradient: length 0.1 (before clipping) in fd's direction; and its returns
@@ -2267,9 +2273,7 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
         a_at = np.asarray(cvl.eval_action(nets, actor, full.observations[:cfg.batch_size]))
         q_pi = lambda x: np.asarray(cvl.q_estimate(nets, critic, full.observations[:cfg.batch_size], x,  # noqa: E731
                                                    psi_0, full.goal_rewards[:cfg.batch_size], cfg), np.float64)
-        fd_pi = np.stack([(q_pi(a_at + 1e-2 * np.eye(act_dim, dtype=np.float32)[d])
-                           - q_pi(a_at - 1e-2 * np.eye(act_dim, dtype=np.float32)[d])) / 2e-2
-                          for d in range(act_dim)], axis=1)[:16]
+        fd_pi = central_difference(q_pi, a_at)[:16]
         up_pi = sim["a_pi_up"] - a_pi
         inside = (np.abs(sim["a_pi_up"]) < 1).all(axis=1)
         assert inside.sum() >= 8
@@ -2844,8 +2848,7 @@ def test_td3_bc_cli_trains_evaluates_and_resumes(tmp_path, dataset):
         q1_at = lambda x: np.asarray(nets.critic.apply(jax.tree.map(lambda y: y[0], critic),  # noqa: E731
                                                        np.concatenate([s, x], 1).astype(np.float32)))[:, 0]
         a = np.asarray(data.actions)[r["rows"]]
-        fd = np.stack([(q1_at(a + 1e-2 * np.eye(act_dim)[d]) - q1_at(a - 1e-2 * np.eye(act_dim)[d])) / 2e-2
-                       for d in range(act_dim)], axis=1)
+        fd = central_difference(q1_at, a)
         assert r["sensitivity"]["grad_rms"] == pytest.approx(np.sqrt(np.mean(fd ** 2)), rel=0.05)
         assert r["sensitivity"]["per_mean_abs_q"] == pytest.approx(r["sensitivity"]["grad_rms"] / np.abs(q1).mean(),
                                                                    rel=1e-6)
@@ -2862,7 +2865,7 @@ def test_td3_bc_cli_trains_evaluates_and_resumes(tmp_path, dataset):
         # and from the policy's own action, along TD3+BC's dQ/da taken there
         actor = jax.tree.map(lambda x: jnp.asarray(x[i]), payload["state"]["actor"])
         a_pi = np.asarray(td3_bc.policy(nets, actor, s), np.float64)  # every row: q1_at takes them all
-        fd_pi = np.stack([(q1_at(a_pi + d) - q1_at(a_pi - d)) / 2e-2 for d in 1e-2 * np.eye(act_dim)], axis=1)[:8]
+        fd_pi = central_difference(q1_at, a_pi)[:8]
         a_pi = a_pi[:8]
         np.testing.assert_allclose(sim["a_policy"], a_pi[sim["ok"]], rtol=1e-5, atol=1e-6)
         up_pi = sim["a_pi_up"] - a_pi[sim["ok"]]

@@ -195,7 +195,7 @@ def diagnose(args) -> list[dict]:
             sim = result["simulated"] = simulate_pairs(env_id, s, a, a_rand, a_near, own["q"], own["q_random"],
                                                        q(a_near, cfg.q_estimator), policy, cfg.gamma, args,
                                                        f"the critic ({cfg.q_estimator})", uphill(a, grad, args.near),
-                                                       uphill(a_pi, grad_pi, args.near))
+                                                       a_pi, uphill(a_pi, grad_pi, args.near))
             ok, n = sim["ok"], len(sim["ok"])
             g_data, g_pi = sim["g_data"], sim["g_policy"]
             for name in cvl.ADVANTAGES:  # each AWR advantage of the data's action, computed as in training
@@ -240,7 +240,7 @@ def uphill(a, grad, size: float):
 
 
 def simulate_pairs(env_id, s, a, a_rand, a_near, q_data, q_rand, q_near, policy, gamma, args, critic_name: str,
-                   a_up, a_pi_up) -> dict:
+                   a_up, a_pi, a_pi_up) -> dict:
     """The first --simulate rows in the simulator: the data's action, a random one, one near the data's (a + N(0,
     --near^2), clipped) and the policy's own first action, then the policy. Whether the critic (its Q of the rows at
     each of the three) agrees with the returns G on which of a pair is better, and corr(dQ, dG): the data's action
@@ -248,11 +248,11 @@ def simulate_pairs(env_id, s, a, a_rand, a_near, q_data, q_rand, q_near, policy,
     policy step follows). And the policy step itself: a_up, the data's action moved --near along the critic's
     gradient (uphill), against the data's: how often the simulator's return rises along it ("up_better", 0.5 for a
     direction that knows nothing) and by how much on average ("up_gain"). The same for a_pi_up, the policy's own
-    action moved --near along the gradient taken there, against the policy's action ("pi_up_better", "pi_up_gain"):
-    whether the critic knows the way up from where the policy is, which is where a policy step pushes it from.
-    Prints a line for each."""
+    action a_pi (policy(s), the caller's) moved --near along the gradient taken there, against a_pi ("pi_up_better",
+    "pi_up_gain"): whether the critic knows the way up from where the policy is, which is where a policy step pushes
+    it from. Prints a line for each."""
     n = min(args.simulate, len(s))
-    a_pi = np.asarray(policy(s[:n]))  # the policy's own first action: G(a_pi) is its value V(s)
+    a_pi = np.asarray(a_pi[:n])  # the policy's own first action: G(a_pi) is its value V(s)
     first_actions = np.concatenate([np.asarray(x[:n]) for x in (a, a_rand, a_near)]
                                    + [a_pi, np.asarray(a_up[:n]), np.asarray(a_pi_up[:n])])
     g = simulated_returns(env_id, np.asarray(s[:n]), first_actions, policy, gamma, args.horizon)  # i, n + i, ...
@@ -322,7 +322,7 @@ def diagnose_td3bc(args) -> list[dict]:
             grad_pi = np.asarray(jax.grad(lambda x: q1(x).sum())(jnp.asarray(a_pi)))
             result["simulated"] = simulate_pairs(env_id, s, a, a_rand, a_near, q_data, q_rand, q_near, policy,
                                                  cfg.discount, args, "TD3+BC's critic", uphill(a, grad, args.near),
-                                                 uphill(a_pi, grad_pi, args.near))
+                                                 a_pi, uphill(a_pi, grad_pi, args.near))
         results.append(result)
     return results
 
