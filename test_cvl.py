@@ -1259,8 +1259,10 @@ for seeds in (1, 2):  # one seed (the seed axis dropped inside the step) and a v
     (c1, a1, m1), (c2, a2, m2) = results
     for x, y in zip(jax.tree.leaves((c1, a1)), jax.tree.leaves((c2, a2))):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
-    for k in m1:
-        np.testing.assert_allclose(m1[k], m2[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    for k in m1:  # an accuracy counts argmaxes, which a rounding-level difference flips at a near tie (contrastive
+        # TD's positive s' can be another row's goal): up to 5 of the 5 x 64 rows may differ; the parameters may not
+        tol = dict(atol=1 / 64) if k.endswith("accuracy") else dict(rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(m1[k], m2[k], err_msg=k, **tol)
     print("EQUAL", seeds, sorted(m1))
 """
 
@@ -1476,10 +1478,10 @@ def copy_run(run: Path, tmp_path: Path) -> Path:
     (dict(actor_objective="awr-push", awr_push=0.0), "--awr-push must be positive"),
     (dict(awr_push=0.3, actor_objective="awr"), "--awr-push 0.3 does nothing with --actor-objective awr: add "
                                                 "--actor-objective awr-push"),
-    (dict(tau=0.01), "--tau 0.01 does nothing with --critic-loss nce: add --critic-loss td"),
-    (dict(td_max_weight=5), "--td-max-weight 5.0 does nothing with --critic-loss nce"),
-    (dict(td_weights="normalized"), "--td-weights normalized does nothing with --critic-loss nce: add --critic-loss "
-                                    "td"),
+    (dict(tau=0.01, critic_loss="nce"), "--tau 0.01 does nothing with --critic-loss nce: add --critic-loss td"),
+    (dict(td_max_weight=5, critic_loss="nce"), "--td-max-weight 5.0 does nothing with --critic-loss nce"),
+    (dict(td_weights="raw", critic_loss="nce"), "--td-weights raw does nothing with --critic-loss nce: add "
+                                                "--critic-loss td"),
     (dict(action_negatives=-1), "--action-negatives must be >= 0"),
     (dict(action_coef=2.0), "--action-coef 2.0 does nothing with --action-negatives 0: add --action-negatives M"),
     (dict(action_sampler="uniform"), "--action-sampler uniform does nothing with --action-negatives 0"),
@@ -1918,7 +1920,7 @@ def action_toy_q_error(sampler: str) -> float:
     loss (goal NCE + action contrast with 8 actions from the sampler, and the behaviour model beside them)."""
     b, steps = 64, 3000
     cfg = cvl.make_config("cpu", hidden=(32, 32), repr_dim=4, batch_size=b, lr=3e-3, action_negatives=8,
-                          action_sampler=sampler)
+                          action_sampler=sampler, critic_loss="nce")  # the goals are given: no bootstrapping
     nets = cvl.make_networks(cfg, 1)
     state = cvl.init_state(jax.random.key(0), cfg, nets, 2, 1)
     eye, means = jnp.eye(2), jnp.array([-0.5, 0.5])
@@ -2042,7 +2044,8 @@ def test_the_state_statistics_are_never_trained_and_travel_with_the_checkpoint(t
 def test_one_update_uses_the_parameters_from_before_it_and_the_actor_never_moves_the_critic(raw_small):
     """learn_from_batch against an independent composition: the critic's gradient is that of its loss alone, and
     the actor's gradient is taken at the critic from before the step; Adam then applies both."""
-    cfg = cvl.make_config("cpu", hidden=(32,), repr_dim=8, batch_size=32, actor_objective="q", bc_coef=0.3)
+    cfg = cvl.make_config("cpu", hidden=(32,), repr_dim=8, batch_size=32, actor_objective="q", bc_coef=0.3,
+                          critic_loss="nce")  # the independent composition below writes NCE's loss
     nets = cvl.make_networks(cfg, 6)
     state = cvl.init_state(jax.random.key(0), cfg, nets, 17, 6)
     learn = jax.jit(partial(cvl.learn_from_batch, cfg=cfg, nets=nets, shard=lambda x, *_: x))
@@ -2475,6 +2478,28 @@ def test_simulated_returns_restore_dataset_states_and_replay_their_rewards(raw_s
                                               0.9, horizon=1)  # a second action per state: rows i and i + n
     np.testing.assert_allclose(twice[:3], rew[rows], rtol=1e-4, atol=1e-4)
     assert not np.allclose(twice[3:], rew[rows], atol=1e-2)
+
+
+def test_results_rows_are_valid_configs_and_their_labels_name_their_flags():
+    """Each cvl.py row of the results tables parses into a config that passes check_config (a flag a later default
+    made idle would be an error there), and its label names every flag it passes, so a table's row says its command;
+    the default row passes none, and the rows that pin --critic-loss nce differ from the default in that field."""
+    results = import_bench("results")
+    folders = [folder for _, folder, *_ in results.METHODS]
+    assert len(set(folders)) == len(folders)
+    for name, folder, script, flags, _ in results.METHODS:
+        if script != results.CVL:
+            continue
+        cvl.check_config(cvl.make_config("cpu", **cvl.parse_args(flags)))
+        i = 0
+        while i < len(flags):
+            takes_value = i + 1 < len(flags) and not flags[i + 1].startswith("--")
+            said = " ".join(flags[i:i + 1 + takes_value])
+            assert said in name, f"row {folder}: label does not say {said!r}"
+            i += 1 + takes_value
+    rows = {folder: flags for _, folder, _, flags, _ in results.METHODS}
+    assert rows["cvl"] == []
+    assert cvl.make_config("cpu", **cvl.parse_args(rows["cvl-nce"])).critic_loss != cvl.Config().critic_loss
 
 
 def test_results_stops_in_one_line_when_a_run_is_stopped_and_resumes_it_next_time(tmp_path, monkeypatch):

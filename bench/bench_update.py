@@ -9,8 +9,8 @@ Columns, all from this one run:
 - GFLOP per update from XLA's own cost analysis of the compiled one-update step;
 - this machine's peak dense float32 matmul throughput (a large jitted jnp.dot, best of several);
 - the fraction of that peak the train step reaches;
-- the same for the other policy steps (--actor-objective awr and q; the paper's is q) at the first size, so all
-  can be compared in one run;
+- the same for the other policy steps (--actor-objective awr, q, ddpg, awr-ddpg; the paper's is q) and the other
+  critic loss (--critic-loss nce, the paper's) at the first size, so all can be compared in one run;
 - TD3+BC's updates/s (bench/td3_bc.py at its published settings), the reference method, on the same data;
 - the seconds of one 10-episode evaluation (cvl.evaluate, the policy compiled once) and its share of a run;
 - the naive baseline: the same update maths, but each batch sampled on the host with numpy, copied to the device,
@@ -116,7 +116,8 @@ def main():
     default = cvl.Config()
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), jax "
           f"{jax.__version__}; dataset {args.dataset.name}; peak float32 matmul {peak / 1e9:.0f} GFLOP/s; "
-          f"CVL rows: the default policy step (--actor-objective {default.actor_objective}), states "
+          f"CVL rows: the default critic (--critic-loss {default.critic_loss}) and policy step (--actor-objective "
+          f"{default.actor_objective}), states "
           f"{'standardised' if default.normalize_states else 'raw'}")
     header = ("| hidden | batch | updates/call | updates/s | GFLOP/update | GFLOP/s | % of matmul peak | "
               "naive updates/s | speed-up |")
@@ -141,6 +142,12 @@ def main():
                                        args.updates_per_call, args.seconds)
         print(f"CVL with --actor-objective {objective} (hidden {hidden}, batch {batch}), one seed, "
               f"{args.updates_per_call} updates/call: {ups:,.1f} updates/s", flush=True)
+    for loss in [c for c in cvl.CRITIC_LOSSES if c != default.critic_loss]:  # the other critics, default step
+        cfg, nets, mesh, state = setup(raw, hidden, batch, critic_loss=loss)
+        ups, _ = fused_updates_per_sec(cfg, nets, mesh, state, cvl.replicate(cvl.make_data(raw), mesh),
+                                       args.updates_per_call, args.seconds)
+        print(f"CVL with --critic-loss {loss} (hidden {hidden}, batch {batch}), one seed, {args.updates_per_call} "
+              f"updates/call: {ups:,.1f} updates/s", flush=True)
     ups = td3_bc_updates_per_sec(raw, args.updates_per_call, args.seconds)
     print(f"TD3+BC (bench/td3_bc.py, its published (256, 256), batch 256), one seed, {args.updates_per_call} "
           f"updates/call: {ups:,.1f} updates/s", flush=True)

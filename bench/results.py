@@ -37,67 +37,77 @@ MAKE = {"halfcheetah-mixed-local": [str(SHARED / "halfcheetah_medium-local.hdf5"
 CVL, TD3BC = ROOT / "cvl.py", ROOT / "bench" / "td3_bc.py"
 # (method, folder, script, extra flags, seeds). Everything else is cvl.py's cpu preset, or TD3+BC's published settings.
 RAW = ["--no-normalize-states"]  # the rows screened before states were standardised by default (2026-12-02)
+NCE = ["--critic-loss", "nce"]  # the rows screened before contrastive TD became the default critic (2026-12-03)
 METHODS = [
-    ("CVL (default: standardised states, AWR plus a push of the policy's mean up dQ/da)", "cvl", CVL, [], 3),
+    ("CVL (default: standardised states, contrastive TD critic, AWR plus a push of the policy's mean up dQ/da)",
+     "cvl", CVL, [], 3),
+    ("CVL, the paper's NCE critic under the default step (the default until 2026-12-03; --critic-loss nce)",
+     "cvl-nce", CVL, NCE, 3),
     ("BC (--actor-objective q --bc-coef 1.0)", "bc", CVL, ["--actor-objective", "q", "--bc-coef", "1.0"], 3),
     ("TD3+BC (bench/td3_bc.py)", "td3bc", TD3BC, [], 3),
-    ("CVL, the paper's actor and raw states (--actor-objective q --no-normalize-states)", "cvl-q", CVL,
-     ["--actor-objective", "q", *RAW], 3),
-    ("CVL, standardised states, AWR on the TD advantage (the default until 2026-12-03; --actor-objective awr)",
-     "cvl-std-awr", CVL, ["--actor-objective", "awr"], 3),
-    ("CVL, standardised states, DDPG+BC (--actor-objective ddpg)", "cvl-std-ddpg", CVL,
-     ["--actor-objective", "ddpg"], 3),
-    ("CVL, raw states, AWR on the TD advantage (the default until 2026-12-02; --no-normalize-states)", "cvl-raw-awr",
-     CVL, ["--actor-objective", "awr", *RAW], 3),
-    ("BC, raw states (--actor-objective q --bc-coef 1.0 --no-normalize-states)", "bc-raw", CVL,
-     ["--actor-objective", "q", "--bc-coef", "1.0", *RAW], 3),
-    ("CVL, actions contrasted at the state + DDPG+BC (--action-negatives 8 --actor-objective ddpg)", "cvl-ac8", CVL,
-     ["--action-negatives", "8", "--actor-objective", "ddpg"], 3),
-    ("CVL, DDPG+BC with the Q term scaled by its action gradient (--actor-objective ddpg --ddpg-lambda grad)",
-     "cvl-ddpg-grad", CVL, ["--actor-objective", "ddpg", "--ddpg-lambda", "grad"], 3),
-    ("CVL, DDPG+BC scaled by the action gradient, BC term weighted by AWR (--actor-objective awr-ddpg --ddpg-lambda "
-     "grad)", "cvl-awr-ddpg-grad", CVL, ["--actor-objective", "awr-ddpg", "--ddpg-lambda", "grad"], 3),
-    ("CVL, the same with LayerNorm in phi and psi (--actor-objective awr-ddpg --ddpg-lambda grad --layer-norm)",
-     "cvl-awr-ddpg-grad-ln", CVL, ["--actor-objective", "awr-ddpg", "--ddpg-lambda", "grad", "--layer-norm"], 3),
-    ("CVL, AWR on the critic's own advantage Q(s, a) - V(s) (--awr-advantage q)", "cvl-awrq", CVL,
-     ["--awr-advantage", "q"], 3),
-    ("CVL, DDPG+BC on the minimum of 2 critics (--critics 2 --actor-objective ddpg)", "cvl-ddpg-c2", CVL,
-     ["--critics", "2", "--actor-objective", "ddpg"], 3),
-    ("CVL, DDPG+BC on the minimum of 4 critics (--critics 4 --actor-objective ddpg)", "cvl-ddpg-c4", CVL,
-     ["--critics", "4", "--actor-objective", "ddpg"], 3),
-    ("CVL, contrastive TD with twin critics + DDPG+BC (--critic-loss td --critics 2 --actor-objective ddpg)",
-     "cvl-td2", CVL, ["--critic-loss", "td", "--critics", "2", "--actor-objective", "ddpg"], 3),
-    ("CVL, contrastive TD (the learned policy's future) under the default step (--critic-loss td)", "cvl-td", CVL,
-     ["--critic-loss", "td"], 3),
-    ("CVL, contrastive TD with normalised bootstrap weights under the default step (--critic-loss td --td-weights "
-     "normalized)", "cvl-tdn", CVL, ["--critic-loss", "td", "--td-weights", "normalized"], 3),
+    ("CVL, the paper's actor and raw states (--critic-loss nce --actor-objective q --no-normalize-states)",
+     "cvl-q", CVL, ["--actor-objective", "q", *NCE, *RAW], 3),
+    ("CVL, standardised states, AWR on the TD advantage (the default until 2026-12-03; --critic-loss nce "
+     "--actor-objective awr)", "cvl-std-awr", CVL, ["--actor-objective", "awr", *NCE], 3),
+    ("CVL, standardised states, DDPG+BC (--critic-loss nce --actor-objective ddpg)",
+     "cvl-std-ddpg", CVL, ["--actor-objective", "ddpg", *NCE], 3),
+    ("CVL, raw states, AWR on the TD advantage (the default until 2026-12-02; --critic-loss nce --actor-objective "
+     "awr --no-normalize-states)", "cvl-raw-awr", CVL, ["--actor-objective", "awr", *NCE, *RAW], 3),
+    ("BC, raw states (--actor-objective q --bc-coef 1.0 --no-normalize-states)",
+     "bc-raw", CVL, ["--actor-objective", "q", "--bc-coef", "1.0", *RAW], 3),
+    ("CVL, actions contrasted at the state + DDPG+BC (--critic-loss nce --action-negatives 8 --actor-objective"
+     " ddpg)", "cvl-ac8", CVL, ["--action-negatives", "8", "--actor-objective", "ddpg", *NCE], 3),
+    ("CVL, DDPG+BC with the Q term scaled by its action gradient (--critic-loss nce --actor-objective ddpg "
+     "--ddpg-lambda grad)", "cvl-ddpg-grad", CVL, ["--actor-objective", "ddpg", "--ddpg-lambda", "grad", *NCE], 3),
+    ("CVL, DDPG+BC scaled by the action gradient, BC term weighted by AWR (--critic-loss nce --actor-objective"
+     " awr-ddpg --ddpg-lambda grad)",
+     "cvl-awr-ddpg-grad", CVL, ["--actor-objective", "awr-ddpg", "--ddpg-lambda", "grad", *NCE], 3),
+    ("CVL, the same with LayerNorm in phi and psi (--critic-loss nce --actor-objective awr-ddpg --ddpg-lambda "
+     "grad --layer-norm)",
+     "cvl-awr-ddpg-grad-ln", CVL, ["--actor-objective", "awr-ddpg", "--ddpg-lambda", "grad", "--layer-norm", *NCE], 3),
+    ("CVL, AWR on the critic's own advantage Q(s, a) - V(s) (--critic-loss nce --actor-objective awr "
+     "--awr-advantage q)", "cvl-awrq", CVL, ["--actor-objective", "awr", "--awr-advantage", "q", *NCE], 3),
+    ("CVL, DDPG+BC on the minimum of 2 critics (--critic-loss nce --critics 2 --actor-objective ddpg)",
+     "cvl-ddpg-c2", CVL, ["--critics", "2", "--actor-objective", "ddpg", *NCE], 3),
+    ("CVL, DDPG+BC on the minimum of 4 critics (--critic-loss nce --critics 4 --actor-objective ddpg)",
+     "cvl-ddpg-c4", CVL, ["--critics", "4", "--actor-objective", "ddpg", *NCE], 3),
+    ("CVL, contrastive TD with twin critics + DDPG+BC (--critic-loss td --td-weights raw --critics 2 "
+     "--actor-objective ddpg)",
+     "cvl-td2", CVL, ["--critic-loss", "td", "--td-weights", "raw", "--critics", "2", "--actor-objective", "ddpg"], 3),
+    ("CVL, contrastive TD with the original code's raw bootstrap weights under the default step (--td-weights "
+     "raw)", "cvl-td", CVL, ["--td-weights", "raw"], 3),
     # raw states: the screens of 2026-12-01 (docs/experiments.md)
-    ("CVL, raw states, AWR beta 1 (--actor-objective awr --awr-beta 1.0 --no-normalize-states)", "cvl-awr-td", CVL,
-     ["--actor-objective", "awr", "--awr-beta", "1.0", *RAW], 3),
-    ("CVL, raw states, actions contrasted at the state + DDPG+BC (--action-negatives 8 --actor-objective ddpg "
-     "--no-normalize-states)", "cvl-ac8-ddpg", CVL, ["--action-negatives", "8", "--actor-objective", "ddpg", *RAW], 3),
-    ("CVL, raw states, DDPG+BC (--actor-objective ddpg --no-normalize-states)", "cvl-ddpg", CVL,
-     ["--actor-objective", "ddpg", *RAW], 3),
-    ("CVL, raw states, actions contrasted + DDPG+BC + LayerNorm (--action-negatives 8 --actor-objective ddpg "
-     "--layer-norm --no-normalize-states)", "cvl-ac8-ddpg-ln", CVL,
-     ["--action-negatives", "8", "--actor-objective", "ddpg", "--layer-norm", *RAW], 3),
-    ("CVL, raw states, actions contrasted + AWR on the critic's own advantage (--action-negatives 8 "
-     "--actor-objective awr --awr-advantage q --no-normalize-states)", "cvl-ac8-awrq", CVL,
-     ["--action-negatives", "8", "--actor-objective", "awr", "--awr-advantage", "q", *RAW], 3),
-    ("CVL, raw states, contrastive TD with twin critics + DDPG+BC (--critic-loss td --critics 2 --actor-objective "
-     "ddpg --no-normalize-states)", "cvl-td2-ddpg", CVL,
-     ["--critic-loss", "td", "--critics", "2", "--actor-objective", "ddpg", *RAW], 3),
-    ("CVL, raw states, contrastive TD with normalised bootstrap weights, twin critics + DDPG+BC (--critic-loss td "
-     "--td-weights normalized --critics 2 --actor-objective ddpg --no-normalize-states)", "cvl-td2n-ddpg", CVL,
+    ("CVL, raw states, AWR beta 1 (--critic-loss nce --actor-objective awr --awr-beta 1.0 "
+     "--no-normalize-states)", "cvl-awr-td", CVL, ["--actor-objective", "awr", "--awr-beta", "1.0", *NCE, *RAW], 3),
+    ("CVL, raw states, actions contrasted at the state + DDPG+BC (--critic-loss nce --action-negatives 8 "
+     "--actor-objective ddpg --no-normalize-states)",
+     "cvl-ac8-ddpg", CVL, ["--action-negatives", "8", "--actor-objective", "ddpg", *NCE, *RAW], 3),
+    ("CVL, raw states, DDPG+BC (--critic-loss nce --actor-objective ddpg --no-normalize-states)",
+     "cvl-ddpg", CVL, ["--actor-objective", "ddpg", *NCE, *RAW], 3),
+    ("CVL, raw states, actions contrasted + DDPG+BC + LayerNorm (--critic-loss nce --action-negatives 8 "
+     "--actor-objective ddpg --layer-norm --no-normalize-states)",
+     "cvl-ac8-ddpg-ln", CVL, ["--action-negatives", "8", "--actor-objective", "ddpg", "--layer-norm", *NCE, *RAW], 3),
+    ("CVL, raw states, actions contrasted + AWR on the critic's own advantage (--critic-loss nce "
+     "--action-negatives 8 --actor-objective awr --awr-advantage q --no-normalize-states)",
+     "cvl-ac8-awrq", CVL,
+     ["--action-negatives", "8", "--actor-objective", "awr", "--awr-advantage", "q", *NCE, *RAW], 3),
+    ("CVL, raw states, contrastive TD with twin critics + DDPG+BC (--critic-loss td --td-weights raw --critics"
+     " 2 --actor-objective ddpg --no-normalize-states)",
+     "cvl-td2-ddpg", CVL,
+     ["--critic-loss", "td", "--td-weights", "raw", "--critics", "2", "--actor-objective", "ddpg", *RAW], 3),
+    ("CVL, raw states, contrastive TD with normalised bootstrap weights, twin critics + DDPG+BC (--critic-loss"
+     " td --td-weights normalized --critics 2 --actor-objective ddpg --no-normalize-states)",
+     "cvl-td2n-ddpg", CVL,
      ["--critic-loss", "td", "--td-weights", "normalized", "--critics", "2", "--actor-objective", "ddpg", *RAW], 3),
-    ("CVL, raw states, AWR on the critic's own advantage (--actor-objective awr --awr-advantage q --awr-beta 1.0 "
-     "--no-normalize-states)", "cvl-awr", CVL, ["--actor-objective", "awr", "--awr-advantage", "q", "--awr-beta",
-                                                "1.0", *RAW], 3),
-    ("CVL, the paper's actor with the original code's Q (--actor-objective q --q-estimator diag --goal-reward goal "
-     "--no-normalize-states)", "cvl-diag", CVL,
-     ["--actor-objective", "q", "--q-estimator", "diag", "--goal-reward", "goal", *RAW], 1),
-    ("CVL, the paper's actor with the paper's batch 1024 (--actor-objective q --batch-size 1024 "
-     "--no-normalize-states)", "cvl-batch1024", CVL, ["--actor-objective", "q", "--batch-size", "1024", *RAW], 1),
+    ("CVL, raw states, AWR on the critic's own advantage (--critic-loss nce --actor-objective awr "
+     "--awr-advantage q --awr-beta 1.0 --no-normalize-states)",
+     "cvl-awr", CVL, ["--actor-objective", "awr", "--awr-advantage", "q", "--awr-beta", "1.0", *NCE, *RAW], 3),
+    ("CVL, the paper's actor with the original code's Q (--critic-loss nce --actor-objective q --q-estimator "
+     "diag --goal-reward goal --no-normalize-states)",
+     "cvl-diag", CVL, ["--actor-objective", "q", "--q-estimator", "diag", "--goal-reward", "goal", *NCE, *RAW], 1),
+    ("CVL, the paper's actor with the paper's batch 1024 (--critic-loss nce --actor-objective q --batch-size "
+     "1024 --no-normalize-states)",
+     "cvl-batch1024", CVL, ["--actor-objective", "q", "--batch-size", "1024", *NCE, *RAW], 1),
 ]
 
 
