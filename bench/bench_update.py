@@ -122,10 +122,11 @@ def main():
     header = ("| hidden | batch | updates/call | updates/s | GFLOP/update | GFLOP/s | % of matmul peak | "
               "naive updates/s | speed-up |")
     print(header + "\n|" + "---:|" * 9)
+    made = cvl.make_data(raw)  # the device-side dataset, replicated onto each row's mesh
     for size in args.sizes:
         hidden, batch = map(int, size.split("x"))
         cfg, nets, mesh, state = setup(raw, hidden, batch)
-        data = cvl.replicate(cvl.make_data(raw), mesh)
+        data = cvl.replicate(made, mesh)
         naive = naive_updates_per_sec(cfg, nets, state, raw, args.seconds)
         for n in (1, args.updates_per_call):
             ups, flops = fused_updates_per_sec(cfg, nets, mesh, state, data, n, args.seconds)
@@ -135,19 +136,14 @@ def main():
                   f"{100 * ups * flops / peak:.0f}% | {naive:,.1f} | {ups / naive:.2f}x |", flush=True)
     hidden, batch = map(int, args.sizes[0].split("x"))
     print()
-    others = [o for o in cvl.ACTOR_OBJECTIVES if o != default.actor_objective]
-    for objective in others:  # the other policy steps, at the first size
-        cfg, nets, mesh, state = setup(raw, hidden, batch, actor_objective=objective)
-        ups, _ = fused_updates_per_sec(cfg, nets, mesh, state, cvl.replicate(cvl.make_data(raw), mesh),
-                                       args.updates_per_call, args.seconds)
-        print(f"CVL with --actor-objective {objective} (hidden {hidden}, batch {batch}), one seed, "
+    variants = [("actor_objective", o) for o in cvl.ACTOR_OBJECTIVES if o != default.actor_objective]
+    variants += [("critic_loss", c) for c in cvl.CRITIC_LOSSES if c != default.critic_loss]
+    for field, value in variants:  # the other policy steps and critics, each with the rest at its default
+        cfg, nets, mesh, state = setup(raw, hidden, batch, **{field: value})
+        ups, _ = fused_updates_per_sec(cfg, nets, mesh, state, cvl.replicate(made, mesh), args.updates_per_call,
+                                       args.seconds)
+        print(f"CVL with {cvl.flag_name(field)} {value} (hidden {hidden}, batch {batch}), one seed, "
               f"{args.updates_per_call} updates/call: {ups:,.1f} updates/s", flush=True)
-    for loss in [c for c in cvl.CRITIC_LOSSES if c != default.critic_loss]:  # the other critics, default step
-        cfg, nets, mesh, state = setup(raw, hidden, batch, critic_loss=loss)
-        ups, _ = fused_updates_per_sec(cfg, nets, mesh, state, cvl.replicate(cvl.make_data(raw), mesh),
-                                       args.updates_per_call, args.seconds)
-        print(f"CVL with --critic-loss {loss} (hidden {hidden}, batch {batch}), one seed, {args.updates_per_call} "
-              f"updates/call: {ups:,.1f} updates/s", flush=True)
     ups = td3_bc_updates_per_sec(raw, args.updates_per_call, args.seconds)
     print(f"TD3+BC (bench/td3_bc.py, its published (256, 256), batch 256), one seed, {args.updates_per_call} "
           f"updates/call: {ups:,.1f} updates/s", flush=True)
