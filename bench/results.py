@@ -76,6 +76,7 @@ METHODS = [
      "cvl-td2", CVL, ["--critic-loss", "td", "--td-weights", "raw", "--critics", "2", "--actor-objective", "ddpg"], 3),
     ("CVL, contrastive TD with the original code's raw bootstrap weights under the default step (--td-weights "
      "raw)", "cvl-td", CVL, ["--td-weights", "raw"], 3),
+    ("CVL, the default with twice the push (--awr-push 0.1)", "cvl-push0.1", CVL, ["--awr-push", "0.1"], 3),
     # raw states: the screens of 2026-12-01 (docs/experiments.md)
     ("CVL, raw states, AWR beta 1 (--critic-loss nce --actor-objective awr --awr-beta 1.0 "
      "--no-normalize-states)", "cvl-awr-td", CVL, ["--actor-objective", "awr", "--awr-beta", "1.0", *NCE, *RAW], 3),
