@@ -144,10 +144,6 @@ class Config(RunConfig):
                                    "parameters and the policy applies them to the env's observations. "
                                    "--no-normalize-states: raw states, as the paper and the original code.")
     tau: float = _flag(0.005, "With --critic-loss td: Polyak step of the target critic.")
-    td_next_action: str = _flag("sample", "With --critic-loss td: the next action a' the bootstrap follows. sample: a' ~ "
-                                "pi(.|s'), the actor's Gaussian with its fitted (data-wide) std (the original code); "
-                                "mean: a' = tanh(mean(s')), the deterministic policy that evaluation runs, so Q and "
-                                "its action gradient are that policy's.", choices=("sample", "mean"))
     td_max_weight: float = _flag(20.0, "With --critic-loss td: clip the bootstrap weights exp(f_target) here.")
     td_weights: str = _flag("normalized", "With --critic-loss td: normalized: the bootstrap weights exp(f_target(s', "
                             "a', g_j)) divided by their mean over the batch's goals, so each row's bootstrapped "
@@ -288,7 +284,7 @@ DDPG_STEPS = ("ddpg", "awr-ddpg")  # the actor objectives that push a determinis
 ENTROPY_TERM = ("awr", "awr-push", "q")  # the actor objectives whose loss has the entropy term alpha log pi
 VARIANT_FLAGS = {
     "tau": ("critic_loss", ("td",)), "td_max_weight": ("critic_loss", ("td",)),
-    "td_weights": ("critic_loss", ("td",)), "td_next_action": ("critic_loss", ("td",)),
+    "td_weights": ("critic_loss", ("td",)),
     "action_coef": ("action_negatives", None), "action_sampler": ("action_negatives", None),
     "bc_coef": ("actor_objective", ("q",)), "ddpg_alpha": ("ddpg_lambda", ("q",)),
     "ddpg_lambda": ("actor_objective", DDPG_STEPS), "ddpg_push": ("ddpg_lambda", ("grad",)),
@@ -940,14 +936,6 @@ def policy_action(nets: Networks, actor, s, key, cfg: Config):
     return jnp.tanh(mean + std * jax.random.normal(key, mean.shape))
 
 
-def policy_mean_action(nets: Networks, actor, s, key, cfg: Config):
-    """The deterministic action tanh(mean(s)) per row, the one evaluation takes (key unused)."""
-    return jnp.tanh(actor_dist(nets, actor, s, cfg)[0])
-
-
-TD_NEXT_ACTIONS = {"sample": policy_action, "mean": policy_mean_action}  # --td-next-action
-
-
 def tanh_gaussian_log_density(mean, std, u):
     """Per dimension, log density of tanh(u) for u ~ N(mean, std): Gaussian log density minus log|d tanh(u)/du|."""
     gauss = -0.5 * ((u - mean) / std) ** 2 - jnp.log(std) - 0.5 * math.log(2 * math.pi)
@@ -1005,7 +993,7 @@ def critic_loss_td(critic, state, batch: Batch, key, cfg: Config, nets: Networks
     pos = jnp.sum(phi * psi_next, axis=-1) + logit_bias(critic)  # f(s_i, a_i, s'_i), row by row
     logits = shard(pair_logits(critic, phi, psi), "data", None)  # f(s_i, a_i, g_j)
 
-    next_a = TD_NEXT_ACTIONS[cfg.td_next_action](nets, state.actor, batch.next_observations, key, cfg)
+    next_a = policy_action(nets, state.actor, batch.next_observations, key, cfg)
     f_next = target_logits(nets, state.critic_target, batch.next_observations, next_a, batch.goals, batch.absorbing)
     p_absorbing = jnp.maximum(batch.absorbing.mean(), 1.0 / batch.absorbing.shape[0])
     w = jnp.where(batch.done[:, None], batch.absorbing[None, :] / p_absorbing, TD_WEIGHTS[cfg.td_weights](f_next))
@@ -1688,7 +1676,7 @@ def load_checkpoint(path: Path, config_cls=None, algorithm: str = "CVL") -> dict
 
 # Fields added after runs were saved, with the behaviour those runs had, so old runs resume unchanged.
 ADDED_FIELDS = {"goal_reward": "goal", "actor_objective": "q", "awr_advantage": "q", "td_weights": "raw",
-                "td_next_action": "sample", "normalize_states": False}
+                "normalize_states": False}
 # Variants removed (docs/experiments.md says why): field -> (the value that is today's behaviour, the last commit
 # that had the others). A run saved with today's behaviour resumes; one that used the variant is refused.
 REMOVED_FIELDS = {"conservative": (0.0, "d9bb3c9"), "density_ratio": ("raw", "d9bb3c9"),
