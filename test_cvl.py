@@ -2314,6 +2314,21 @@ def test_critic_diagnostic_scores_a_run_against_monte_carlo_returns(tmp_path, da
     with pytest.raises(SystemExit, match="lower --rows or --min-horizon"):
         diagnose_critic.main([final["run_dir"], "--rows", "128", "--min-horizon", "500"])
 
+    # --readout-batch 128: every row's Q is read out over the other 127 rows' goals in one softmax (numpy, by hand)
+    wide = diagnose_critic.main([final["run_dir"], "--rows", "128", "--min-horizon", "20", "--simulate", "0",
+                                 "--seeds", "1", "--readout-batch", "128"])[0]
+    np.testing.assert_array_equal(wide["rows"], results[0]["rows"])  # the same rows as in batches of 64
+    critic0 = jax.tree.map(lambda x: x[0], state.critic)
+    batch = cvl.batch_at(data, jax.random.key(0), jnp.asarray(wide["rows"]), cfg.gamma, cfg.goal_reward)
+    phi = np.asarray(cvl.sa_features(nets, critic0, data.observations[wide["rows"]], data.actions[wide["rows"]]))
+    psi = np.asarray(cvl.goal_features(nets, critic0, batch.goals, batch.absorbing))
+    f = (phi @ psi.T).astype(np.float64)
+    np.fill_diagonal(f, -np.inf)
+    p = np.exp(f - f.max(axis=1, keepdims=True))
+    want_q = (p / p.sum(axis=1, keepdims=True)) @ np.asarray(batch.goal_rewards, np.float64)
+    np.testing.assert_allclose(wide["normalized"]["q"], want_q, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(wide["normalized"]["q"], results[0]["normalized"]["q"], rtol=1e-3)  # 63 goals differ
+
 
 def test_gradient_agreement_is_the_rowwise_cosine_of_two_critics_action_gradients(capsys):
     diagnose_critic = import_bench("diagnose_critic")

@@ -4,8 +4,8 @@
 
 For rows (s_t, a_t) of the run's dataset it prints, per seed, for every Q estimator of cvl.py (the run's own, the
 one its actor was trained with, is marked), each computed exactly as in training: cvl.q_estimate on batches of the
-run's --batch-size rows, each row's goal drawn from its own future by cvl.sample_goals, the batch's goals being
-the negatives:
+run's --batch-size rows (or --readout-batch rows), each row's goal drawn from its own future by cvl.sample_goals,
+the batch's goals being the negatives:
   - the Pearson and Spearman correlation of Q(s_t, a_t) with the Monte-Carlo discounted return
     sum_j gamma^j r_{t+j}, with zeros after a fall (rows of episodes that fell, or at least --min-horizon steps from
     a time limit, so the truncation is < gamma^min_horizon);
@@ -78,6 +78,9 @@ def main(argv=None):
     p.add_argument("--horizon", type=int, default=300, help="steps of each simulated return (gamma^300 = 0.05)")
     p.add_argument("--near", type=float, default=0.1, help="std of the noise of the near action, a + N(0, std^2), "
                    "and the length of the step along dQ/da")
+    p.add_argument("--readout-batch", type=int, default=0, help="read Q out over batches of this many rows, each "
+                   "row's goal a negative of the others (0: the run's --batch-size, as in training): more goals in "
+                   "the softmax, the same critic")
     p.add_argument("--seeds", type=int, default=0, help="diagnose only the run's first N seeds (0: all)")
     p.add_argument("--min-horizon", type=int, default=500, help="rows of time-limited episodes: at least this many "
                    "steps from the end")
@@ -121,7 +124,7 @@ def diagnose(args) -> list[dict]:
     ckpt, cfg, data, (env_id, _, _), nets, seeds, state = load_cvl_run(args.run)
     seeds = seeds[:args.seeds or None]
 
-    b = cfg.batch_size
+    b = args.readout_batch or cfg.batch_size
     rows, ret, rng = pick_rows(data, cfg.gamma, b, args)
     n_rows = len(rows)
     s, a = data.observations[rows], data.actions[rows]
