@@ -179,12 +179,6 @@ class Config(RunConfig):
                                choices=("td", "q"))
     awr_push: float = _flag(0.05, "With --actor-objective awr-push: how far the push moves the policy's mean (before "
                             "tanh) up dQ/dmean, rms over the batch, against the weighted likelihood's pull.")
-    push_critic: str = _flag("readout", "With --actor-objective awr-push: whose action gradient the push follows. "
-                             "readout: the contrastive critic's Q readout; onestep: a head q(s, a) regressed onto "
-                             "the one-step backup (1 - gamma) r + gamma V(s') of the readout's state value (trained "
-                             "beside the critic, never bootstrapping itself), which ranks the policy's own samples "
-                             "far better than the readout does (docs/experiments.md, fifth session).",
-                             choices=("readout", "onestep"))
     ddpg_alpha: float = _flag(2.5, "With --ddpg-lambda q: the Q term's weight relative to the BC term, as "
                               "TD3+BC's alpha (its 2.5).")
     ddpg_lambda: str = _flag("q", "With --actor-objective ddpg or awr-ddpg: how the Q term is scaled. q: lambda = "
@@ -296,7 +290,7 @@ VARIANT_FLAGS = {
     "ddpg_lambda": ("actor_objective", DDPG_STEPS), "ddpg_push": ("ddpg_lambda", ("grad",)),
     "awr_beta": ("actor_objective", AWR_WEIGHTED), "awr_max_weight": ("actor_objective", AWR_WEIGHTED),
     "awr_advantage": ("actor_objective", AWR_WEIGHTED),
-    "awr_push": ("actor_objective", ("awr-push",)), "push_critic": ("actor_objective", ("awr-push",)),
+    "awr_push": ("actor_objective", ("awr-push",)),
     "alpha": ("actor_objective", ENTROPY_TERM), "auto_alpha": ("actor_objective", ENTROPY_TERM),
 }
 
@@ -849,14 +843,12 @@ class Networks(NamedTuple):
     phi: MLP  # (s, a) -> repr_dim
     psi: MLP  # g -> repr_dim
     actor: MLP  # s -> (mean, pre-softplus std) of the Gaussian before tanh
-    q_head: MLP  # (s, a) -> the one-step backup, with --push-critic onestep
 
 
 def make_networks(cfg: Config, act_dim: int) -> Networks:
     encoder = partial(MLP, cfg.hidden, cfg.repr_dim, nn.initializers.glorot_uniform(),  # as the original code
                       layer_norm=cfg.layer_norm)
-    return Networks(phi=encoder(), psi=encoder(), actor=MLP(cfg.hidden, 2 * act_dim, nn.initializers.lecun_uniform()),
-                    q_head=MLP(cfg.hidden, 1))
+    return Networks(phi=encoder(), psi=encoder(), actor=MLP(cfg.hidden, 2 * act_dim, nn.initializers.lecun_uniform()))
 
 
 def unit(x):
@@ -1122,36 +1114,6 @@ def q_estimate(nets: Networks, critic, s, a, psi, goal_rewards, cfg: Config):
     return Q_ESTIMATORS[cfg.q_estimator](pair_logits(critic, sa_features(nets, critic, s, a), psi), goal_rewards)
 
 
-# The one-step head (--push-critic onestep). The readout ranks states well and actions hardly at all: at gamma 0.99
-# what an action changes about the far future is a small part of log p(g|s,a)/p(g). But Q(s, a) = (1 - gamma)
-# r(s, a) + gamma E[V(s') | s, a] in the readout's units, and the action's effect on that arrives through the data's
-# own reward and next state, whose values the readout does rank. So a network q(s, a) is regressed onto (1 - gamma)
-# r + gamma V(s'), V(s') the readout at a few policy actions (0 after a fall), the critic held fixed: no
-# bootstrapping of q itself, and it generalises across actions as a TD critic does.
-def q_head(nets: Networks, critic, s, a):
-    """The head's q(s, a); with --critics > 1 the minimum over the members' heads."""
-    if is_ensemble(critic):
-        return jax.vmap(lambda c: q_head(nets, c, s, a))(critic).min(axis=0)
-    return nets.q_head.apply(critic["q_head"], jnp.concatenate([standardize(critic, s), a], axis=-1))[..., 0]
-
-
-def one_step_target(nets: Networks, critic, actor, psi, batch: Batch, key, cfg: Config):
-    """(1 - gamma) r + gamma V(s'), V the readout's state value held fixed, 0 after a fall."""
-    critic, psi = jax.lax.stop_gradient((critic, psi))
-    q_of = partial(q_estimate, nets, critic, psi=psi, goal_rewards=batch.goal_rewards, cfg=cfg)
-    s_next = batch.next_observations
-    v_next = state_value(q_of, s_next, *jax.lax.stop_gradient(actor_dist(nets, actor, s_next, cfg)), key)
-    return (1 - cfg.gamma) * batch.rewards + cfg.gamma * jnp.where(batch.done, 0.0, v_next)
-
-
-def with_q_head(loss_fn, critic, state, batch, key, cfg, nets, shard):
-    """loss_fn's loss plus the one-step head's squared error against one_step_target."""
-    loss, (metrics, psi) = loss_fn(critic, state, batch, key, cfg, nets, shard)
-    target = one_step_target(nets, critic, state.actor, psi, batch, jax.random.fold_in(key, 13), cfg)
-    head_loss = jnp.mean((q_head(nets, critic, batch.observations, batch.actions) - target) ** 2)
-    return loss + head_loss, ({**metrics, "q_head_loss": head_loss}, psi)
-
-
 # Actor objectives. Each maps (actor params, frozen critic, the batch's goal features psi) to (loss, metrics).
 BOUND = 0.999  # |a| >= BOUND: an action at the edge of the action space, as clipped data has many of
 
@@ -1319,11 +1281,7 @@ def actor_loss_awr_push(actor, critic, psi, nets: Networks, batch: Batch, key, a
     mean, std = actor_dist(nets, actor, batch.observations, cfg)
     awr_loss, metrics = awr_at(mean, std, actor, critic, psi, nets, batch, key, alpha, cfg)
     a = jnp.tanh(mean)
-    if "q_head" in critic:  # --push-critic onestep
-        q, pullback = jax.vjp(lambda x: q_head(nets, critic, batch.observations, x), a)
-        dq_da = pullback(jnp.ones_like(q))[0]
-    else:
-        q, dq_da = q_and_slope(nets, critic, psi, batch, a, cfg)
+    q, dq_da = q_and_slope(nets, critic, psi, batch, a, cfg)
     dq_dmean = dq_da * (1 - a ** 2)
     step = cfg.awr_push * metrics["awr_weight_mean"] * dq_dmean / (jnp.sqrt(jnp.mean(dq_dmean ** 2)) + 1e-12)
     push = jax.lax.stop_gradient(step / std ** 2)
@@ -1367,8 +1325,6 @@ def init_critic(k_phi, k_psi, cfg: Config, nets: Networks, obs_dim: int, act_dim
     if cfg.action_negatives > 0 and cfg.action_sampler == "bc":  # the behaviour model, the actor's architecture
         critic["behavior"] = with_normalizer(nets.actor.init(jax.random.fold_in(k_phi, 2), jnp.zeros((1, obs_dim))),
                                              cfg, obs_norm, obs_dim)
-    if cfg.push_critic == "onestep" and cfg.actor_objective == "awr-push":
-        critic["q_head"] = nets.q_head.init(jax.random.fold_in(k_phi, 3), jnp.zeros((1, obs_dim + act_dim)))
     if cfg.repr_norm == "unit":  # SigLIP's start: scale 10, and a bias at the log-odds of a positive, 1 / (B - 1)
         critic.update(absorbing=jax.random.normal(jax.random.fold_in(k_psi, 1), (cfg.repr_dim,)),
                       log_scale=jnp.asarray(math.log(10.0)), bias=jnp.asarray(-math.log(cfg.batch_size - 1)))
@@ -1417,8 +1373,6 @@ def critic_loss(critic, state: TrainState, batch: Batch, key, cfg: Config, nets:
     loss_fn = CRITIC_LOSSES[cfg.critic_loss]
     if cfg.action_negatives > 0:
         loss_fn = partial(with_action_contrast, loss_fn)
-    if "q_head" in critic:
-        loss_fn = partial(with_q_head, loss_fn)
     if not is_ensemble(critic):
         return loss_fn(critic, state, batch, key, cfg, nets, shard)
     losses, (metrics, psi) = jax.vmap(lambda c: loss_fn(c, state, batch, key, cfg, nets, shard))(critic)

@@ -959,57 +959,6 @@ def test_awr_push_adds_a_precision_scaled_push_to_awr():
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-3, atol=1e-5)
 
 
-def test_one_step_head_fits_the_backup_and_the_push_follows_its_gradient():
-    """--push-critic onestep: the head's target is (1 - gamma) r + gamma V(s'), V(s') the readout's mean over the
-    policy's 4 samples at s' (0 after a fall), by hand against the frozen critic; the critic's loss adds the head's
-    squared error; and awr-push's push takes dQ/da from the head (here q = a_0 - a_1^2, so the push on a_1 is
-    -2 a_1, where the readout's is 0), not from the readout."""
-    batch, psi, phi = frozen_critic_problem(64, data_actions=True)
-    done = jnp.arange(64) % 5 == 0
-    s_next = batch.observations[::-1]
-    batch = batch._replace(done=done, next_observations=s_next)
-    cfg = cvl.make_config("cpu", hidden=(16,), actor_objective="awr-push", push_critic="onestep", awr_push=0.7,
-                          awr_beta=1.5)
-    head = type("Head", (), {"apply": staticmethod(lambda _, x: (x[:, 3] - x[:, 4] ** 2)[:, None])})()
-    nets = cvl.make_networks(cfg, 2)._replace(phi=phi, q_head=head)
-    critic = dict(FROZEN_CRITIC, q_head=None)
-    actor = nets.actor.init(jax.random.key(1), batch.observations)
-    key = jax.random.key(0)
-
-    target = np.asarray(cvl.one_step_target(nets, critic, actor, psi, batch, key, cfg), np.float64)
-    mean, std = (np.asarray(x, np.float64) for x in cvl.actor_dist(nets, actor, s_next, cfg))
-    eps = np.asarray(jax.random.normal(key, (4, 64, 2)), np.float64)  # state_value's 4 draws
-    r = np.asarray(batch.goal_rewards, np.float64)
-    v_next = np.mean([frozen_q_and_slope(np.tanh(mean + std * e), r)[0] for e in eps], axis=0)
-    want = 0.01 * np.asarray(batch.rewards) + 0.99 * np.where(np.asarray(done), 0.0, v_next)
-    np.testing.assert_allclose(target, want, rtol=1e-4, atol=1e-6)
-
-    base = lambda c, *args: (jnp.asarray(2.0), ({}, psi))  # noqa: E731  a stand-in critic loss
-    loss, (metrics, _) = cvl.with_q_head(base, critic, SimpleNamespace(actor=actor), batch, key, cfg, nets, None)
-    a_data = np.asarray(batch.actions, np.float64)
-    target = np.asarray(cvl.one_step_target(nets, critic, actor, psi, batch, jax.random.fold_in(key, 13), cfg))
-    mse = np.mean((a_data[:, 0] - a_data[:, 1] ** 2 - target) ** 2)
-    assert float(metrics["q_head_loss"]) == pytest.approx(mse, rel=1e-4)
-    assert float(loss) == pytest.approx(2.0 + mse, rel=1e-4)
-
-    loss, metrics = cvl.actor_loss_awr_push(actor, critic, psi, nets, batch, key, 0.1, cfg)
-    awr_loss, awr_metrics = cvl.actor_loss_awr(actor, critic, psi, nets, batch, key, 0.1, cfg)
-    mean, std = (np.asarray(x, np.float64) for x in cvl.actor_dist(nets, actor, batch.observations, cfg))
-    a = np.tanh(mean)
-    g = np.stack([np.ones(64), -2 * a[:, 1]], 1) * (1 - a ** 2)  # the head's dq/dmean
-    step = 0.7 * float(awr_metrics["awr_weight_mean"]) * g / np.sqrt(np.mean(g ** 2))
-    assert float(metrics["push_max"]) == pytest.approx(np.abs(step).max(), rel=1e-3)
-    assert float(metrics["q_pi"]) == pytest.approx(np.mean(a[:, 0] - a[:, 1] ** 2), rel=1e-4, abs=1e-6)
-    assert float(loss) == pytest.approx(float(awr_loss) - float(np.mean(np.sum(step / std ** 2 * mean, 1))),
-                                        rel=1e-3, abs=1e-4)
-    # the flag gives the critic a head (trained with it) only under awr-push, and is refused elsewhere
-    state = cvl.init_state(jax.random.key(0), cfg, cvl.make_networks(cfg, 2), 3, 2)
-    assert "q_head" in state.critic and "q_head" not in cvl.init_state(
-        jax.random.key(0), dataclasses.replace(cfg, push_critic="readout"), cvl.make_networks(cfg, 2), 3, 2).critic
-    with pytest.raises(cvl.CVLError, match="--push-critic onestep does nothing with --actor-objective awr"):
-        cvl.check_config(dataclasses.replace(cfg, actor_objective="awr", awr_push=cvl.Config.awr_push))
-
-
 def test_awr_push_moves_the_mean_by_awr_push_however_wide_the_data():
     """With AWR's weights off (beta 0), the push moves the policy's mean (before tanh) up dQ/dmean by about
     awr_push (sqrt(2) awr_push on the first of two action dims, the only one Q depends on) at the balance with
