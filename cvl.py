@@ -1682,7 +1682,8 @@ ADDED_FIELDS = {"goal_reward": "goal", "actor_objective": "q", "awr_advantage": 
 REMOVED_FIELDS = {"conservative": (0.0, "d9bb3c9"), "density_ratio": ("raw", "d9bb3c9"),
                   "q_head": ("none", "354f436"), "pick_samples": (0, "3ce9a21"), "pick_heads": (3, "3ce9a21"),
                   "pick_spread": (1.0, "3ce9a21"), "pick_margin": (4.0, "3ce9a21"), "pick_coef": (1.0, "3ce9a21"),
-                  "heads": (3, "b210ce3"), "head_margin": (1.0, "b210ce3")}
+                  "heads": (3, "b210ce3"), "head_margin": (1.0, "b210ce3"), "td_next_action": ("sample", "b259ba5"),
+                  "push_critic": ("readout", "065fc00")}
 REMOVED_VALUES = {("critic_loss", "infonce"): "d9bb3c9", ("actor_objective", "heads"): "b210ce3"}
 
 

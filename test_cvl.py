@@ -478,11 +478,13 @@ def test_missing_corrupt_and_unknown_inputs_fail_clearly(tmp_path, dataset):
     assert cvl.config_from_dict(dataclasses.asdict(cvl.Config())).goal_reward == "arrival"
     # a removed variant: a run saved with today's behaviour resumes, one that used the variant is refused
     today = dataclasses.asdict(cvl.Config())
-    assert cvl.config_from_dict({**today, "conservative": 0.0, "density_ratio": "raw", "q_head": "none"}) == \
-        cvl.Config()
+    assert cvl.config_from_dict({**today, "conservative": 0.0, "density_ratio": "raw", "q_head": "none",
+                                 "td_next_action": "sample", "push_critic": "readout"}) == cvl.Config()
     for saved, flag in [({**today, "conservative": 1.0}, "--conservative"),
                         ({**today, "density_ratio": "corrected"}, "--density-ratio"),
                         ({**today, "q_head": "onestep"}, "--q-head"),
+                        ({**today, "td_next_action": "mean"}, "--td-next-action"),
+                        ({**today, "push_critic": "onestep"}, "--push-critic"),
                         ({**today, "pick_samples": 16}, "--pick-samples"),
                         ({**today, "heads": 3, "head_margin": 1.0, "actor_objective": "heads"},
                          "--actor-objective heads"),
