@@ -120,9 +120,7 @@ class Config(RunConfig):
     gamma: float = _flag(0.99, "Discount: goals are s_{t+k} with P(k) proportional to gamma^(k-1).")
     critic_loss: str = _flag("td", "td: contrastive TD (the original code's use_td), the learned policy's future by "
                              "bootstrapping from s' with a target critic; nce: binary NCE (sigmoid) on B x B logits "
-                             "against goals from the data's own futures (the paper's); td-infonce: Zheng et al.'s TD InfoNCE, the "
-                             "same future by softmax cross-entropies over the batch's goals.",
-                             choices=("td", "nce", "td-infonce"))
+                             "against goals from the data's own futures (the paper's).", choices=("td", "nce"))
     repr_norm: str = _flag("none", "none: f = phi . psi as the original code; unit: the paper's unit-norm phi and psi, "
                            "f = scale * cos(phi, psi) + bias with a learned scale and bias (as SigLIP's sigmoid loss), "
                            "so an action can move Q only by where phi points, not by how long it is.",
@@ -285,7 +283,7 @@ AWR_WEIGHTED = ("awr", "awr-ddpg", "awr-push")  # the actor objectives that weig
 DDPG_STEPS = ("ddpg", "awr-ddpg")  # the actor objectives that push a deterministic pi(s) up lambda Q (ddpg_bc)
 ENTROPY_TERM = ("awr", "awr-push", "q")  # the actor objectives whose loss has the entropy term alpha log pi
 VARIANT_FLAGS = {
-    "tau": ("critic_loss", ("td", "td-infonce")), "td_max_weight": ("critic_loss", ("td",)),
+    "tau": ("critic_loss", ("td",)), "td_max_weight": ("critic_loss", ("td",)),
     "td_weights": ("critic_loss", ("td",)),
     "action_coef": ("action_negatives", None), "action_sampler": ("action_negatives", None),
     "bc_coef": ("actor_objective", ("q",)), "ddpg_alpha": ("ddpg_lambda", ("q",)),
@@ -1009,36 +1007,6 @@ def critic_loss_td(critic, state, batch: Batch, key, cfg: Config, nets: Networks
     return loss, ({**metrics, "td_weight_mean": (w * off).sum() / off.sum()}, psi)
 
 
-def critic_loss_td_infonce(critic, state, batch: Batch, key, cfg: Config, nets: Networks, shard):
-    """TD InfoNCE (Zheng, Salakhutdinov, Eysenbach 2023): the same discounted future of the learned policy as
-    critic_loss_td, fitted with softmax (InfoNCE) cross-entropies over the batch's other goals instead of binary NCE.
-    With weight 1 - gamma, row i must pick its next state s'_i against the other rows' goals g_j; with weight gamma
-    its softmax over those goals must match the target critic's at (s'_i, a'_i ~ pi), softmax_j f_target(s'_i, a'_i,
-    g_j) (after a fall: uniform over the batch's absorbing goals; a row with none has no bootstrap term). The
-    optimum is f = log p(g | s, a) / p(g) + c(s, a), so the softmax readout (--q-estimator normalized) is
-    unchanged."""
-    phi = sa_features(nets, critic, batch.observations, batch.actions)
-    psi = goal_features(nets, critic, batch.goals, batch.absorbing)
-    psi_next = goal_features(nets, critic, batch.next_observations, batch.next_absorbing)
-    pos = jnp.sum(phi * psi_next, axis=-1) + logit_bias(critic)  # f(s_i, a_i, s'_i)
-    logits = shard(pair_logits(critic, phi, psi), "data", None)  # f(s_i, a_i, g_j)
-    eye = jnp.eye(logits.shape[0], dtype=bool)
-    one_step = -jnp.diagonal(jax.nn.log_softmax(jnp.where(eye, pos[:, None], logits), axis=1))  # s'_i vs g_{j != i}
-
-    next_a = policy_action(nets, state.actor, batch.next_observations, key, cfg)
-    f_next = target_logits(nets, state.critic_target, batch.next_observations, next_a, batch.goals, batch.absorbing)
-    absorbing = batch.absorbing[None, :] & ~eye
-    n_absorbing = absorbing.sum(axis=1, keepdims=True)
-    target = jnp.where(batch.done[:, None], absorbing / jnp.maximum(n_absorbing, 1), jax.nn.softmax(
-        off_diagonal(f_next), axis=1))
-    target = jax.lax.stop_gradient(target)  # a row of zeros after a fall with no absorbing goal: no term
-    log_p = jax.nn.log_softmax(off_diagonal(logits), axis=1)
-    bootstrap = -jnp.sum(jnp.where(eye, 0.0, target * log_p), axis=1)
-    loss = jnp.mean((1 - cfg.gamma) * one_step + cfg.gamma * bootstrap)
-    metrics = contrastive_metrics(loss, logits - jnp.diag(jnp.diagonal(logits) - pos))  # positives s' on the diagonal
-    return loss, (metrics, psi)
-
-
 def target_logits(nets: Networks, target: dict, s, a, g, absorbing):
     """f_target(s_i, a_i, g_j) for all pairs; with --critics > 1 the minimum over the target twins, so every member
     bootstraps from the same pessimistic density ratio (the original code's twin_q)."""
@@ -1064,7 +1032,7 @@ def td_weights_normalized(f_next):
     return n * jax.nn.softmax(off_diagonal(f_next), axis=1)  # the diagonal (row i's own goal) gets 0; it is masked
 
 
-CRITIC_LOSSES = {"nce": critic_loss_nce, "td": critic_loss_td, "td-infonce": critic_loss_td_infonce}
+CRITIC_LOSSES = {"nce": critic_loss_nce, "td": critic_loss_td}
 TD_WEIGHTS = {"raw": td_weights_raw, "normalized": td_weights_normalized}
 
 
@@ -1716,7 +1684,8 @@ REMOVED_FIELDS = {"conservative": (0.0, "d9bb3c9"), "density_ratio": ("raw", "d9
                   "pick_spread": (1.0, "3ce9a21"), "pick_margin": (4.0, "3ce9a21"), "pick_coef": (1.0, "3ce9a21"),
                   "heads": (3, "b210ce3"), "head_margin": (1.0, "b210ce3"), "td_next_action": ("sample", "b259ba5"),
                   "push_critic": ("readout", "065fc00")}
-REMOVED_VALUES = {("critic_loss", "infonce"): "d9bb3c9", ("actor_objective", "heads"): "b210ce3"}
+REMOVED_VALUES = {("critic_loss", "infonce"): "d9bb3c9", ("actor_objective", "heads"): "b210ce3",
+                  ("critic_loss", "td-infonce"): "03b0491"}
 
 
 def config_from_dict(d: dict, config_cls=None):
