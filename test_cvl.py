@@ -2450,7 +2450,7 @@ def test_closed_loop_selection_from_the_command_line(tmp_path, dataset, capsys):
     results = diagnose_critic.main(base + ["--select", "3"])
     ckpt = cvl.load_checkpoint(Path(run))
     cfg = ckpt["config"]
-    _, (env_id, lo, hi), obs_dim, act_dim = cvl.load_env_data(cfg)
+    data, (env_id, lo, hi), obs_dim, act_dim = cvl.load_env_data(cfg)
     nets = cvl.make_networks(cfg, act_dim)
     state = cvl.restore_state(cvl.init_states(cfg, nets, [0, 1], obs_dim, act_dim), ckpt["state"])
     own = cvl.evaluate(cvl.seeds_policy(partial(cvl.eval_action, nets)), state.actor, env_id, [0, 1], 1)
@@ -2476,6 +2476,36 @@ def test_closed_loop_selection_from_the_command_line(tmp_path, dataset, capsys):
     cautious = diagnose_critic.main(base + ["--select", "3", "--select-head", "200", "--select-heads", "2",
                                             "--select-margin", "1e9"])
     assert [r["select"]["head_best"] for r in cautious] == [r["select"]["policy"] for r in results]
+    # --push-steps: a step of 0 is the policy's own action; a step along the slope changes the episode
+    pushed = diagnose_critic.main(base + ["--push-steps", "0", "0.5"])
+    for r, before in zip(pushed, results):
+        assert r["push"]["policy"] == r["push"]["steps"][0.0] == before["select"]["policy"]
+        assert r["push"]["steps"][0.5] != r["push"]["policy"]
+    # the pushed action is tanh(mean + beta g / c), g = dQ/dmean by central differences, c its rms on data states
+    propose = partial(cvl.actor_dist, nets, cfg=cfg)
+    scorers, score, _ = diagnose_critic.cvl_scorer(nets, cfg, state, data, 64, jax.random.key(0))
+    actor, scorer = jax.tree.map(lambda x: x[0], (state.actor, scorers))
+    states = np.asarray(data.observations)
+    states = states[np.random.default_rng(0).choice(len(states), min(2048, len(states)), replace=False)]
+
+    def slope(s):
+        mean = np.asarray(propose(actor, jnp.asarray(s))[0], np.float64)
+        g = np.zeros_like(mean)
+        for d in range(mean.shape[1]):
+            e = np.zeros_like(mean)
+            e[:, d] = 1e-2
+            up, down = (np.asarray(score(scorer, s, np.tanh(mean + sign * e).astype(np.float32)), np.float64)
+                        for sign in (1, -1))
+            g[:, d] = (up - down) / 2e-2
+        return mean, g
+    c = np.sqrt(np.mean(slope(states)[1] ** 2))
+    assert pushed[0]["push"]["scale"] == pytest.approx(c, rel=0.05)
+    s = states[:64]
+    mean, g = slope(s)
+    acted = np.asarray(diagnose_critic.pushing_policy(propose, score, 0.5)((actor, scorer, jnp.float32(c)),
+                                                                           jnp.asarray(s)), np.float64)
+    moved = (np.arctanh(np.clip(acted, -1 + 1e-6, 1 - 1e-6)) - mean) * c / 0.5
+    np.testing.assert_allclose(moved, g, atol=0.05 * np.abs(g).max())
 
 
 def test_simulated_returns_restore_dataset_states_and_replay_their_rewards(raw_small):

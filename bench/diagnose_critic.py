@@ -30,6 +30,8 @@ the batch's goals being the negatives:
     the simulator whether the return rises when the data's action moves --near along dQ/da, and when the policy's
     own action moves --near along dQ/da taken at that action (where the policy step pushes it from);
 with --against OTHER_RUN, the cosine between this run's dQ/da and the other run's (CVL or TD3+BC) on the same rows;
+with --push-steps BETA..., the critic in closed loop as a test-time push: the policy (of this run or of --candidates)
+acts with its mean moved BETA along the critic's dQ/dmean (normalised as the training push normalises it);
 with --select N, the critic in closed loop: the score of a policy that acts with the best of N candidate actions
 (the policy's own and N - 1 samples of it, of this run or of --candidates) by the critic's Q, against one that picks
 a random one of them (the gain is what the critic's ranking of near-policy actions is worth), and with --select-head
@@ -44,6 +46,7 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -93,7 +96,13 @@ def main(argv=None):
     p.add_argument("--select-goals", type=int, default=1024, help="data goals a CVL critic's Q is read out with")
     p.add_argument("--candidates", default="", help="the cvl.py run whose policy proposes the candidates (default: "
                    "the diagnosed run; needed when that is a bench/td3_bc.py run)")
-    p.add_argument("--episodes", type=int, default=10, help="episodes per seed of each --select policy")
+    p.add_argument("--episodes", type=int, default=10, help="episodes per seed of each --select or --push-steps "
+                   "policy")
+    p.add_argument("--push-steps", type=float, nargs="+", default=[], metavar="BETA", help="closed loop: the "
+                   "policy of --candidates (default: the diagnosed run) acts with its mean moved BETA along this "
+                   "critic's dQ/dmean, over its rms on data states, as the training push does (cvl.py's "
+                   "--awr-push) but at test time: one score per BETA (Park et al. 2024's test-time policy "
+                   "extraction)")
     p.add_argument("--select-head", type=int, default=0, help="with --select on a cvl.py run: also fit, for this "
                    "many steps, a head q(s, a) to (1 - gamma) r + gamma V(s') (V the critic's value of states) per "
                    "seed and pick the candidates by it (0: off; 100000 takes a few minutes per seed on a CPU)")
@@ -113,6 +122,9 @@ def main(argv=None):
     if args.select:
         for mine, selected in zip(results, select_in_closed_loop(args)):
             mine["select"] = selected
+    if args.push_steps:
+        for mine, pushed in zip(results, push_in_closed_loop(args)):
+            mine["push"] = pushed
     return results
 
 
@@ -542,24 +554,34 @@ def fit_onestep_head(cfg, data, critic_value, steps: int, key, chunk: int = 6553
     return score, head, float(losses[-100:].mean())
 
 
-def select_in_closed_loop(args) -> list[dict]:
-    """--select N: at every step of --episodes evaluation episodes per seed, N candidate actions from the policy of
-    --candidates (a cvl.py run; default the diagnosed run), and the agent acts with the one the diagnosed run's
-    critic rates highest, or with a uniformly random one of the same candidates, or with the policy's own action.
-    best - random is what the critic's ranking of those actions is worth in the simulator (a critic that knows
-    nothing about them scores random's level). Seed i's critic picks among seed i's candidates. With --select-head
-    STEPS (a cvl.py run), also the best by a one-step head fitted to seed i's critic (fit_onestep_head), V(s') read
-    out at seed i's own policy's action. Prints a line per seed; the scores are D4RL-normalised (raw returns for an
-    env without reference returns)."""
+class ClosedLoop(NamedTuple):
+    """What a closed-loop check needs: the diagnosed critic (score(scorer, s, a) -> Q, its params stacked over the
+    first k seeds with the proposing policy's), the proposing policy (propose(actor, s) -> its (mean, std) before
+    tanh), the eval env and play(policy, params) -> per-seed scores."""
+    params: tuple  # (proposing actors, scorers), stacked over seeds[:k]
+    score: Callable
+    what: str
+    propose: Callable
+    p_nets: cvl.Networks
+    seeds: list
+    k: int
+    data: cvl.Data
+    state: Any  # the diagnosed run's train state (its critics, and for a cvl.py run its actors)
+    cfg: Any
+    nets: Any
+    source: str
+    play: Callable
+
+
+def closed_loop(args, check: str) -> ClosedLoop:
+    """The diagnosed run's critic and the policy of --candidates (default the diagnosed run), seed i's critic with
+    seed i's policy; `check` names the flag in errors."""
     source = args.candidates or args.run
     if is_td3bc_run(source):
-        raise SystemExit(f"diagnose_critic: --candidates {source} is a bench/td3_bc.py run, whose policy has no "
-                         "spread to sample; name a cvl.py run")
+        raise SystemExit(f"diagnose_critic: --candidates {source} is a bench/td3_bc.py run; {check} needs a cvl.py "
+                         "run's policy")
     if is_td3bc_run(args.run):
-        if args.select_head:
-            raise SystemExit("diagnose_critic: --select-head fits a head to a CVL critic's value of states; "
-                             f"{args.run} is a bench/td3_bc.py run")
-        _, cfg, _, (env_id, ref_min, ref_max), nets, seeds, state, norm = load_td3bc_run(args.run)
+        _, cfg, data, (env_id, ref_min, ref_max), nets, seeds, state, norm = load_td3bc_run(args.run)
         scorers, score, what = td3bc_scorer(nets, state, norm)
     else:
         _, cfg, data, (env_id, ref_min, ref_max), nets, seeds, state = load_cvl_run(args.run)
@@ -578,25 +600,41 @@ def select_in_closed_loop(args) -> list[dict]:
         returns = cvl.evaluate(cvl.seeds_policy(cvl.env_policy(policy, env_id)), stacked, env_id, seeds[:k],
                                args.episodes).mean(axis=1)
         return returns if ref_min is None else cvl.normalized_score(returns, ref_min, ref_max)
+    return ClosedLoop(params, score, what, propose, p_nets, seeds, k, data, state, cfg, nets, source, play)
 
+
+def select_in_closed_loop(args) -> list[dict]:
+    """--select N: at every step of --episodes evaluation episodes per seed, N candidate actions from the policy of
+    --candidates (a cvl.py run; default the diagnosed run), and the agent acts with the one the diagnosed run's
+    critic rates highest, or with a uniformly random one of the same candidates, or with the policy's own action.
+    best - random is what the critic's ranking of those actions is worth in the simulator (a critic that knows
+    nothing about them scores random's level). Seed i's critic picks among seed i's candidates. With --select-head
+    STEPS (a cvl.py run), also the best by a one-step head fitted to seed i's critic (fit_onestep_head), V(s') read
+    out at seed i's own policy's action. Prints a line per seed; the scores are D4RL-normalised (raw returns for an
+    env without reference returns)."""
+    if is_td3bc_run(args.run) and args.select_head:
+        raise SystemExit("diagnose_critic: --select-head fits a head to a CVL critic's value of states; "
+                         f"{args.run} is a bench/td3_bc.py run")
+    loop = closed_loop(args, "--select")
+    params, score, propose, seeds, k, play = loop.params, loop.score, loop.propose, loop.seeds, loop.k, loop.play
     n, spread = args.select, args.select_spread
     best = play(selecting_policy(propose, score, n, spread, "best"))
     rand = play(selecting_policy(propose, score, n, spread, "random"))
-    own = play(lambda prm, s: cvl.eval_action(p_nets, prm[0], s))
+    own = play(lambda prm, s: cvl.eval_action(loop.p_nets, prm[0], s))
     heads = None
     if args.select_head:
         fitted = []  # per seed, --select-heads fits
         for i in range(k):
-            critic_i, actor_i = jax.tree.map(lambda x: x[i], (scorers, state.actor))
-            value = jax.jit(lambda s, c=critic_i, pi=actor_i: score(c, s, cvl.eval_action(nets, pi, s)))
-            fitted.append([fit_onestep_head(cfg, data, value, args.select_head,
+            critic_i, actor_i = jax.tree.map(lambda x: x[i], (params[1], loop.state.actor))
+            value = jax.jit(lambda s, c=critic_i, pi=actor_i: score(c, s, cvl.eval_action(loop.nets, pi, s)))
+            fitted.append([fit_onestep_head(loop.cfg, loop.data, value, args.select_head,
                                             jax.random.fold_in(jax.random.key(args.seed + i), h))
                            for h in range(args.select_heads)])
         stack = lambda trees: jax.tree.map(lambda *x: jnp.stack(x), *trees)
         heads = play(picking_policy(propose, fitted[0][0][0], n, spread, args.select_margin),
                      (params[0], stack([stack([f[1] for f in per_seed]) for per_seed in fitted])))
     print(f"  closed loop, {args.episodes} episodes per seed, {n} candidates per step (the policy's action and "
-          f"{n - 1} samples, std x{spread:g}) from the policy of {source}, picked by {what}:")
+          f"{n - 1} samples, std x{spread:g}) from the policy of {loop.source}, picked by {loop.what}:")
     out = []
     for i in range(k):
         out.append(dict(best=float(best[i]), random=float(rand[i]), policy=float(own[i]),
@@ -613,6 +651,57 @@ def select_in_closed_loop(args) -> list[dict]:
               f"{best[i] - rand[i]:+.1f}); the policy's own action {own[i]:.1f}{head}")
     return out
 
+
+
+def mean_slope(propose, score, proposer, scorer, s):
+    """(the policy's mean before tanh, dQ/dmean at a = tanh(mean)) per row: each row's Q depends on its own action
+    alone, so the gradient of the sum is every row's."""
+    mean, _ = propose(proposer, s)
+    return mean, jax.grad(lambda m: score(scorer, s, jnp.tanh(m)).sum())(mean)
+
+
+def pushing_policy(propose, score, beta: float):
+    """policy((proposer params, scorer params, c), s) for cvl.evaluate: tanh(mean + beta g / c), g = dQ/dmean at
+    the policy's own action and c its rms over data states (push_scale): the training push's step (cvl.py's
+    actor_loss_awr_push), taken at test time."""
+    def policy(params, s):
+        proposer, scorer, c = params
+        mean, g = mean_slope(propose, score, proposer, scorer, s)
+        return jnp.tanh(mean + beta * g / c)
+    return policy
+
+
+def push_scale(propose, score, proposer, scorer, s):
+    """rms over rows and action dims of dQ/dmean at the policy's own actions on states s."""
+    return jnp.sqrt(jnp.mean(mean_slope(propose, score, proposer, scorer, s)[1] ** 2))
+
+
+def push_in_closed_loop(args) -> list[dict]:
+    """--push-steps BETA...: per seed, --episodes episodes of the policy of --candidates (default the diagnosed
+    run) acting with its mean moved BETA along the diagnosed critic's dQ/dmean (pushing_policy; c from 2,048 data
+    states drawn with --seed), and with its own action (BETA 0). Whether a step along the critic's slope helps the
+    policy in the simulator, step by step; with a bench/td3_bc.py run diagnosed, whether TD3+BC's critic's slope
+    helps a CVL policy where the CVL critic's does not."""
+    loop = closed_loop(args, "--push-steps")
+    states = np.asarray(loop.data.observations)
+    states = jnp.asarray(states[np.random.default_rng(args.seed).choice(len(states), min(2048, len(states)),
+                                                                         replace=False)])
+    actors, scorers = loop.params
+    scales = jnp.stack([push_scale(loop.propose, loop.score, *jax.tree.map(lambda x: x[i], (actors, scorers)),
+                                   states) for i in range(loop.k)])
+    own = loop.play(lambda prm, s: cvl.eval_action(loop.p_nets, prm[0], s))
+    pushed = {beta: loop.play(pushing_policy(loop.propose, loop.score, beta), (actors, scorers, scales))
+              for beta in args.push_steps}
+    print(f"  closed loop, {args.episodes} episodes per seed: the policy of {loop.source}, its mean moved BETA along "
+          f"dQ/dmean of {loop.what} / its rms on data states:")
+    out = []
+    for i in range(loop.k):
+        out.append(dict(policy=float(own[i]), scale=float(scales[i]),
+                        steps={beta: float(score[i]) for beta, score in pushed.items()}))
+        steps = ", ".join(f"{beta:g}: {score[i]:.1f}" for beta, score in pushed.items())
+        print(f"  seed {loop.seeds[i]}: the policy's own action {own[i]:.1f}; pushed {steps} (rms dQ/dmean "
+              f"{scales[i]:.3g})")
+    return out
 
 def restore(env, obs: np.ndarray) -> bool:
     """Put a MuJoCo locomotion env in the state an observation shows (qpos without x, then qvel); whether the
