@@ -114,16 +114,20 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.select == 1 or args.select < 0:
         raise SystemExit("diagnose_critic: --select needs at least 2 candidates (0: off)")
+    if args.select and args.select_head and is_td3bc_run(args.run):
+        raise SystemExit("diagnose_critic: --select-head fits a head to a CVL critic's value of states; "
+                         f"{args.run} is a bench/td3_bc.py run")
     results = diagnose(args)
     if args.against:
         other = diagnose(argparse.Namespace(**{**vars(args), "run": args.against}))
         for mine, theirs in zip(results, other):
             mine["against"] = gradient_agreement(mine, theirs, args.against)
+    loop = closed_loop(args) if args.select or args.push_steps else None  # loaded and played once for both
     if args.select:
-        for mine, selected in zip(results, select_in_closed_loop(args)):
+        for mine, selected in zip(results, select_in_closed_loop(args, loop)):
             mine["select"] = selected
     if args.push_steps:
-        for mine, pushed in zip(results, push_in_closed_loop(args)):
+        for mine, pushed in zip(results, push_in_closed_loop(args, loop)):
             mine["push"] = pushed
     return results
 
@@ -557,12 +561,11 @@ def fit_onestep_head(cfg, data, critic_value, steps: int, key, chunk: int = 6553
 class ClosedLoop(NamedTuple):
     """What a closed-loop check needs: the diagnosed critic (score(scorer, s, a) -> Q, its params stacked over the
     first k seeds with the proposing policy's), the proposing policy (propose(actor, s) -> its (mean, std) before
-    tanh), the eval env and play(policy, params) -> per-seed scores."""
+    tanh), the eval env's play(policy, params) -> per-seed scores, and the proposing policy's own scores."""
     params: tuple  # (proposing actors, scorers), stacked over seeds[:k]
     score: Callable
     what: str
     propose: Callable
-    p_nets: cvl.Networks
     seeds: list
     k: int
     data: cvl.Data
@@ -571,15 +574,16 @@ class ClosedLoop(NamedTuple):
     nets: Any
     source: str
     play: Callable
+    own: np.ndarray  # per seed, the score of the proposing policy's own action tanh(mean)
 
 
-def closed_loop(args, check: str) -> ClosedLoop:
+def closed_loop(args) -> ClosedLoop:
     """The diagnosed run's critic and the policy of --candidates (default the diagnosed run), seed i's critic with
-    seed i's policy; `check` names the flag in errors."""
+    seed i's policy."""
     source = args.candidates or args.run
     if is_td3bc_run(source):
-        raise SystemExit(f"diagnose_critic: --candidates {source} is a bench/td3_bc.py run; {check} needs a cvl.py "
-                         "run's policy")
+        raise SystemExit(f"diagnose_critic: --candidates {source} is a bench/td3_bc.py run; the closed loop needs a "
+                         "cvl.py run's policy")
     if is_td3bc_run(args.run):
         _, cfg, data, (env_id, ref_min, ref_max), nets, seeds, state, norm = load_td3bc_run(args.run)
         scorers, score, what = td3bc_scorer(nets, state, norm)
@@ -600,10 +604,11 @@ def closed_loop(args, check: str) -> ClosedLoop:
         returns = cvl.evaluate(cvl.seeds_policy(cvl.env_policy(policy, env_id)), stacked, env_id, seeds[:k],
                                args.episodes).mean(axis=1)
         return returns if ref_min is None else cvl.normalized_score(returns, ref_min, ref_max)
-    return ClosedLoop(params, score, what, propose, p_nets, seeds, k, data, state, cfg, nets, source, play)
+    own = play(lambda prm, s: cvl.eval_action(p_nets, prm[0], s))
+    return ClosedLoop(params, score, what, propose, seeds, k, data, state, cfg, nets, source, play, own)
 
 
-def select_in_closed_loop(args) -> list[dict]:
+def select_in_closed_loop(args, loop: ClosedLoop) -> list[dict]:
     """--select N: at every step of --episodes evaluation episodes per seed, N candidate actions from the policy of
     --candidates (a cvl.py run; default the diagnosed run), and the agent acts with the one the diagnosed run's
     critic rates highest, or with a uniformly random one of the same candidates, or with the policy's own action.
@@ -612,15 +617,11 @@ def select_in_closed_loop(args) -> list[dict]:
     STEPS (a cvl.py run), also the best by a one-step head fitted to seed i's critic (fit_onestep_head), V(s') read
     out at seed i's own policy's action. Prints a line per seed; the scores are D4RL-normalised (raw returns for an
     env without reference returns)."""
-    if is_td3bc_run(args.run) and args.select_head:
-        raise SystemExit("diagnose_critic: --select-head fits a head to a CVL critic's value of states; "
-                         f"{args.run} is a bench/td3_bc.py run")
-    loop = closed_loop(args, "--select")
     params, score, propose, seeds, k, play = loop.params, loop.score, loop.propose, loop.seeds, loop.k, loop.play
     n, spread = args.select, args.select_spread
     best = play(selecting_policy(propose, score, n, spread, "best"))
     rand = play(selecting_policy(propose, score, n, spread, "random"))
-    own = play(lambda prm, s: cvl.eval_action(loop.p_nets, prm[0], s))
+    own = loop.own
     heads = None
     if args.select_head:
         fitted = []  # per seed, --select-heads fits
@@ -652,7 +653,6 @@ def select_in_closed_loop(args) -> list[dict]:
     return out
 
 
-
 def mean_slope(propose, score, proposer, scorer, s):
     """(the policy's mean before tanh, dQ/dmean at a = tanh(mean)) per row: each row's Q depends on its own action
     alone, so the gradient of the sum is every row's."""
@@ -676,20 +676,19 @@ def push_scale(propose, score, proposer, scorer, s):
     return jnp.sqrt(jnp.mean(mean_slope(propose, score, proposer, scorer, s)[1] ** 2))
 
 
-def push_in_closed_loop(args) -> list[dict]:
+def push_in_closed_loop(args, loop: ClosedLoop) -> list[dict]:
     """--push-steps BETA...: per seed, --episodes episodes of the policy of --candidates (default the diagnosed
     run) acting with its mean moved BETA along the diagnosed critic's dQ/dmean (pushing_policy; c from 2,048 data
     states drawn with --seed), and with its own action (BETA 0). Whether a step along the critic's slope helps the
     policy in the simulator, step by step; with a bench/td3_bc.py run diagnosed, whether TD3+BC's critic's slope
     helps a CVL policy where the CVL critic's does not."""
-    loop = closed_loop(args, "--push-steps")
     states = np.asarray(loop.data.observations)
     states = jnp.asarray(states[np.random.default_rng(args.seed).choice(len(states), min(2048, len(states)),
                                                                          replace=False)])
     actors, scorers = loop.params
     scales = jnp.stack([push_scale(loop.propose, loop.score, *jax.tree.map(lambda x: x[i], (actors, scorers)),
                                    states) for i in range(loop.k)])
-    own = loop.play(lambda prm, s: cvl.eval_action(loop.p_nets, prm[0], s))
+    own = loop.own
     pushed = {beta: loop.play(pushing_policy(loop.propose, loop.score, beta), (actors, scorers, scales))
               for beta in args.push_steps}
     print(f"  closed loop, {args.episodes} episodes per seed: the policy of {loop.source}, its mean moved BETA along "
@@ -702,6 +701,7 @@ def push_in_closed_loop(args) -> list[dict]:
         print(f"  seed {loop.seeds[i]}: the policy's own action {own[i]:.1f}; pushed {steps} (rms dQ/dmean "
               f"{scales[i]:.3g})")
     return out
+
 
 def restore(env, obs: np.ndarray) -> bool:
     """Put a MuJoCo locomotion env in the state an observation shows (qpos without x, then qvel); whether the
